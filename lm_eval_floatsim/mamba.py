@@ -1,0 +1,222 @@
+"""A Mamba (v1) language model whose Conv1D+SiLU step runs through the quantized op of `quant`.
+
+Parameter names follow mamba_ssm's MambaLMHeadModel (`backbone.layers.N.mixer.conv1d.weight`, ...)
+so that original checkpoints load as they are. Activations are channels-last (batch, length,
+channels) from in_proj to out_proj. One forward serves prompts and single decoding steps: given a
+`DecodingState`, a call continues the sequences held in it and leaves their new state behind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ArgumentError
+from .quant import LayerScales, QuantSpec, conv_silu
+from .selective_scan import selective_scan
+
+
+@dataclass
+class MambaConfig:
+    d_model: int
+    n_layer: int
+    vocab_size: int
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: Union[int, str] = "auto"
+    rms_norm: bool = True
+    norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    conv_bias: bool = True
+    bias: bool = False
+    pad_vocab_size_multiple: int = 8
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def dt_rank_value(self) -> int:
+        return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.pad_vocab_size_multiple
+        return self.vocab_size + (-self.vocab_size) % multiple
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(self.weight.dtype)
+
+
+@dataclass
+class DecodingState:
+    """Per block: the last d_conv-1 conv inputs (batch, d_conv-1, d_inner) and the SSM state."""
+
+    conv: list[torch.Tensor] = field(default_factory=list)
+    ssm: list[Optional[torch.Tensor]] = field(default_factory=list)
+
+
+class Mixer(nn.Module):
+    """The Mamba mixer: in_proj -> quantized Conv1D+SiLU -> x_proj/dt_proj -> selective scan -> out_proj."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        d_inner, d_state, dt_rank = config.d_inner, config.d_state, config.dt_rank_value
+        self.d_state, self.dt_rank = d_state, dt_rank
+        self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias)
+        self.conv1d = nn.Conv1d(
+            d_inner, d_inner, config.d_conv, groups=d_inner, padding=config.d_conv - 1, bias=config.conv_bias
+        )
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1).float()).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+
+    def forward(self, hidden, spec, scales, observer, mask, state):
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        if mask is not None:
+            x = x * mask[..., None].to(x.dtype)
+        left_context = state.conv[self.layer_idx] if state is not None else None
+        weight = self.conv1d.weight[:, 0, :]
+        bias = self.conv1d.bias if self.conv1d.bias is not None else weight.new_zeros(weight.shape[0])
+        u = conv_silu(x, weight, bias, spec, scales, observer, left_context)
+        if state is not None:
+            state.conv[self.layer_idx] = _last_conv_inputs(left_context, x)
+        if mask is not None:
+            u = u * mask[..., None].to(u.dtype)
+
+        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)
+        A = -torch.exp(self.A_log.float())
+        h0 = state.ssm[self.layer_idx] if state is not None else None
+        scanned = selective_scan(
+            u, delta, A, B, C, self.D, z, self.dt_proj.bias, h0=h0, return_last_state=state is not None
+        )
+        if state is not None:
+            y, state.ssm[self.layer_idx] = scanned
+        else:
+            y = scanned
+        return self.out_proj(y)
+
+
+def _last_conv_inputs(left_context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    keep = left_context.shape[1]
+    return torch.cat([left_context, x], dim=1)[:, -keep:].clone()
+
+
+class Block(nn.Module):
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_epsilon)
+        self.mixer = Mixer(config, layer_idx)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_epsilon)
+
+
+class MambaLM(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.backbone.embedding.weight
+        self.spec = QuantSpec("fp")
+        self.scales: Optional[list[LayerScales]] = None
+        self.recorder = None
+
+    def quantize(self, spec: QuantSpec, scales: Optional[list[LayerScales]]) -> "MambaLM":
+        """Set the Conv1D+SiLU mode of every block, with one LayerScales per block."""
+        if spec.quantized and (scales is None or len(scales) != self.config.n_layer):
+            found = "none" if scales is None else f"{len(scales)} layers"
+            raise ArgumentError("scales", found, f"one entry per layer ({self.config.n_layer}) for mode={spec.mode}")
+        self.spec, self.scales = spec, scales
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def allocate_state(self, batch: int) -> DecodingState:
+        taps, d_inner = self.config.d_conv, self.config.d_inner
+        conv = [torch.zeros(batch, taps - 1, d_inner, device=self.device, dtype=self.dtype) for _ in self.backbone.layers]
+        return DecodingState(conv=conv, ssm=[None] * self.config.n_layer)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        state: Optional[DecodingState] = None,
+    ) -> torch.Tensor:
+        """Logits (batch, length, padded vocab) in the model dtype.
+
+        mask (batch, length; 1 = real token) lets rows be left-padded: padding positions are zeroed
+        before and after the Conv1D+SiLU, so they change neither conv window nor SSM state.
+        """
+        residual = self.backbone.embedding(input_ids)
+        if self.config.residual_in_fp32:
+            residual = residual.float()
+        for layer in self.backbone.layers:
+            hidden = layer.norm(residual.to(layer.norm.weight.dtype))
+            residual = residual + layer.mixer(hidden, self.spec, self._layer_scales(layer), self._observer(layer, mask), mask, state)
+        hidden = self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
+        return self.lm_head(hidden)
+
+    def _layer_scales(self, layer: Block) -> Optional[LayerScales]:
+        return self.scales[layer.mixer.layer_idx] if self.scales is not None else None
+
+    def _observer(self, layer: Block, mask):
+        if self.recorder is None:
+            return None
+        return partial(self.recorder.observe, layer.mixer.layer_idx, mask=mask)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        mask: Optional[torch.Tensor] = None,
+        eos_token_id: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Greedy decoding with the recurrent state; returns prompt + new tokens (left-padded rows allowed)."""
+        state = self.allocate_state(input_ids.shape[0])
+        logits = self(input_ids, mask=mask, state=state)
+        tokens = [input_ids]
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            next_token = logits[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token == eos_token_id
+            tokens.append(next_token[:, None])
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            logits = self(next_token[:, None], state=state)
+        return torch.cat(tokens, dim=1)

@@ -1,0 +1,205 @@
+"""The quantized Conv1D+SiLU step of a Mamba block, in every mode.
+
+This module is the single source of the arithmetic: rounding, clamping, the INT8 kernel's
+integer accumulation and fp32 epilogue, and the float simulation all live here, and the recorder,
+the dumps and the GPU kernels take their definitions from it.
+
+Layout: activations are channels-last, ``x[batch, position, channel]``, as they come out of
+in_proj, so no transposing copy is needed. The conv is depthwise and causal with kernel width K:
+``out[t] = bias + sum_k w[k] * x[t - K + 1 + k]``, taps summed in order k = 0..K-1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .errors import ArgumentError
+
+MODES = ("fp", "int8", "same", "better")
+ROUNDINGS = ("half_away", "half_even")
+CLAMPS = ("range", "none")
+INT8_RANGE = (-128, 127)
+
+# The INT8 kernel rounds with CUDA's roundf; operands are quantized the same way in every mode so
+# that all modes see identical X, W and Bq.
+KERNEL_ROUNDING = "half_away"
+
+Observer = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
+class LayerScales:
+    """Per-block scales: s_x (conv input), s_y (conv+SiLU output), s_w and s_b (conv weight, bias)."""
+
+    input: float
+    output: float
+    weight: float
+    bias: float
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What the Conv1D+SiLU step does: the mode and, for the float simulation, how it quantizes."""
+
+    mode: str = "fp"
+    divisor: float = 2025.0
+    rounding: str = "half_away"
+    clamp: str = "range"
+
+    def __post_init__(self):
+        _require("mode", self.mode, self.mode in MODES, "one of " + ", ".join(MODES))
+        _require("rounding", self.rounding, self.rounding in ROUNDINGS, "one of " + ", ".join(ROUNDINGS))
+        _require("clamp", self.clamp, self.clamp in CLAMPS, "one of " + ", ".join(CLAMPS))
+        divisor_ok = isinstance(self.divisor, (int, float)) and math.isfinite(self.divisor) and self.divisor > 0
+        _require("divisor", self.divisor, divisor_ok, "a positive finite number")
+
+    @property
+    def quantized(self) -> bool:
+        return self.mode != "fp"
+
+    @property
+    def output_rounding(self) -> str:
+        """The INT8 kernel always rounds half away from zero; `rounding` is the simulation's choice."""
+        return KERNEL_ROUNDING if self.mode == "int8" else self.rounding
+
+    def effective_scale(self, output_scale: float) -> Optional[float]:
+        if self.mode == "fp":
+            return None
+        if self.mode == "better":
+            return output_scale / self.divisor
+        return output_scale
+
+    def code_range(self) -> Optional[tuple[float, float]]:
+        """Inclusive (lo, hi) of the output codes, or None when they are not clamped."""
+        if self.mode == "fp":
+            return None
+        if self.mode == "better":
+            if self.clamp == "none":
+                return None
+            return (INT8_RANGE[0] * self.divisor, INT8_RANGE[1] * self.divisor)
+        return INT8_RANGE
+
+
+def _require(argument: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ArgumentError(argument, value, allowed)
+
+
+def format_divisor(divisor: float) -> str:
+    """2025.0 -> '2025', 2.5 -> '2.5' (shortest decimal form), as dump file names spell it."""
+    return str(int(divisor)) if float(divisor).is_integer() else repr(float(divisor))
+
+
+def round_half_away(t: torch.Tensor) -> torch.Tensor:
+    # floor(|t| + 0.5) is wrong just below .5 ties in fp32; trunc and the exact fraction are not.
+    whole = torch.trunc(t)
+    fraction = t - whole
+    return whole + torch.where(fraction.abs() >= 0.5, torch.sign(t), torch.zeros_like(t))
+
+
+def round_half_even(t: torch.Tensor) -> torch.Tensor:
+    return torch.round(t)
+
+
+def round_codes(t: torch.Tensor, rounding: str) -> torch.Tensor:
+    return round_half_away(t) if rounding == "half_away" else round_half_even(t)
+
+
+def quantize_codes(
+    t: torch.Tensor, scale: float, rounding: str, code_range: Optional[tuple[float, float]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``clamp(rnd(t / scale), lo, hi)`` as fp32 integers, and where clamping changed them."""
+    rounded = round_codes(t / _fp32(scale, t.device), rounding)
+    if code_range is None:
+        return rounded, torch.zeros_like(rounded, dtype=torch.bool)
+    codes = rounded.clamp(code_range[0], code_range[1])
+    return codes, codes != rounded
+
+
+def silu(v: torch.Tensor) -> torch.Tensor:
+    """SiLU as the INT8 kernel's epilogue writes it, v / (1 + exp(-v)), used by every mode."""
+    return v / (1 + torch.exp(-v))
+
+
+def quantize_operands(x, weight, bias, scales: LayerScales):
+    """X, W, Bq: the int8 codes of the conv input, weight and bias (fp32 tensors of integers)."""
+    X, _ = quantize_codes(x, scales.input, KERNEL_ROUNDING, INT8_RANGE)
+    W, _ = quantize_codes(weight, scales.weight, KERNEL_ROUNDING, INT8_RANGE)
+    Bq, _ = quantize_codes(bias, scales.bias, KERNEL_ROUNDING, INT8_RANGE)
+    return X, W, Bq
+
+
+def conv_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    spec: QuantSpec,
+    scales: Optional[LayerScales] = None,
+    observer: Optional[Observer] = None,
+    left_context: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The Conv1D+SiLU step of one block in `spec.mode`.
+
+    x: (batch, length, channels) in the model dtype; weight: (channels, K); bias: (channels,).
+    left_context: (batch, K-1, channels), the inputs before x (zeros when None: a sequence start).
+    Returns the (dequantized) output in x's dtype. `observer(before, after, codes, clamped)`
+    receives fp32 tensors of x's shape; before is the fp32 value ahead of output quantization
+    (for int8 the emulated kernel's internal y); codes and clamped are None for fp.
+    """
+    taps = weight.shape[-1]
+    if left_context is None:
+        left_context = x.new_zeros(x.shape[0], taps - 1, x.shape[2])
+    window = torch.cat([left_context, x], dim=1).float()
+    if spec.mode == "fp":
+        y = silu(causal_conv(window, weight.float(), bias.float()))
+        if observer is not None:
+            observer(y, y, None, None)
+        return y.to(x.dtype)
+    if scales is None:
+        raise ArgumentError("scales", None, f"calibrated scales for mode={spec.mode}")
+
+    X, W, Bq = quantize_operands(window, weight.float(), bias.float(), scales)
+    if spec.mode == "int8":
+        y = silu(_int8_kernel_preactivation(X, W, Bq, scales))
+    else:
+        dev = x.device
+        y = silu(causal_conv(X * _fp32(scales.input, dev), W * _fp32(scales.weight, dev), Bq * _fp32(scales.bias, dev)))
+    effective = spec.effective_scale(scales.output)
+    codes, clamped = quantize_codes(y, effective, spec.output_rounding, spec.code_range())
+    after = codes * _fp32(effective, x.device)
+    if observer is not None:
+        observer(y, after, codes, clamped)
+    return after.to(x.dtype)
+
+
+def causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """bias + sum_k w[k] * window[t + k], taps in order; window carries K-1 leading positions."""
+    taps = weight.shape[-1]
+    length = window.shape[1] - taps + 1
+    out = bias.expand(window.shape[0], length, -1)
+    for k in range(taps):
+        out = out + weight[:, k] * window[:, k : k + length]
+    return out
+
+
+def _int8_kernel_preactivation(X, W, Bq, scales: LayerScales) -> torch.Tensor:
+    """v = (s_w * s_x) * acc + s_b * Bq in fp32, acc the exact integer sum of W * X.
+
+    A NaN input has no int8 code; positions whose window holds one come out NaN, as the float
+    simulation's would, so non-finite activations stay visible instead of becoming garbage codes.
+    """
+    nan_inputs = torch.isnan(X)
+    Xi = torch.where(nan_inputs, torch.zeros_like(X), X).to(torch.int32)
+    acc = causal_conv(Xi, W.to(torch.int32), torch.zeros_like(Bq, dtype=torch.int32))
+    device = X.device
+    v = acc.float() * (_fp32(scales.weight, device) * _fp32(scales.input, device)) + _fp32(scales.bias, device) * Bq
+    poisoned = causal_conv(nan_inputs.float(), torch.ones_like(W), torch.zeros_like(Bq)) > 0
+    return torch.where(poisoned, torch.full_like(v, float("nan")), v)
+
+
+def _fp32(value: float, device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
