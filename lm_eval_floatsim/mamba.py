@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -195,7 +194,7 @@ class MambaLM(nn.Module):
     def _observer(self, layer: Block, mask):
         if self.recorder is None:
             return None
-        return partial(self.recorder.observe, layer.mixer.layer_idx, mask=mask)
+        return self.recorder.layer(layer.mixer.layer_idx, mask)
 
     @torch.no_grad()
     def generate(
