@@ -15,7 +15,7 @@ install-test: install
 	$(PYTHON) -m pip install -q -e ".[test,plot]"
 
 demo: install
-	bash examples/demo/run_demo.sh
+	bash scripts/run_demo.sh
 
 test: install-test
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
