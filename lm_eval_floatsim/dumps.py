@@ -1,0 +1,184 @@
+"""Dump files in the user's format (``yzCheckFloatSim/``): names, JSON layout, writing, reading.
+
+One file per mode, one entry per Mamba block::
+
+    {"config": {"float_sim_asic": ..., "float_sim_better_scale": ..., <extras>},
+     "layers": [{"layer_idx", "effective_scale", "output_scale", "before_quant", "after_quant",
+                 "codes", "input_scale", "weight_scale", "bias_scale", "stats"}, ...]}
+
+`dump.schema.json` beside this module is the JSON Schema of the layout. A dump holds no timestamp,
+host name or anything else that varies between runs: the same mode, model, scales and input give
+the same bytes. Values that are not finite (NaN or infinite activations) are written as null,
+since JSON has no such numbers; `lm-eval-floatsim check` reports them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError
+from .files import write_json_atomic
+from .quant import LayerScales, QuantSpec, format_divisor
+
+DUMP_FORMAT = "lm_eval_floatsim.dump/1"
+DEFAULT_DUMP_DIR = "yzCheckFloatSim"
+FIXED_NAMES = {"fp": "fp_reference.json", "int8": "int8_baseline.json", "same": "floatsim_samescale.json"}
+BETTER_NAME = re.compile(r"^floatsim_betterscale_(?P<divisor>[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)\.json$")
+# What the caller knows about the run and the dump records in `config` (None when unknown).
+META_KEYS = ("model", "scales_sha256", "calibration")
+
+
+def dump_filename(mode: str, divisor: float = 2025.0) -> str:
+    """int8_baseline.json, floatsim_samescale.json, floatsim_betterscale_<divisor>.json, fp_reference.json."""
+    if mode == "better":
+        return f"floatsim_betterscale_{format_divisor(divisor)}.json"
+    return FIXED_NAMES[mode]
+
+
+def parse_filename(name: str) -> Optional[tuple[str, Optional[float]]]:
+    """(mode, divisor) of a dump file name (divisor None except for better); None for other files."""
+    for mode, fixed in FIXED_NAMES.items():
+        if name == fixed:
+            return mode, None
+    match = BETTER_NAME.match(name)
+    if match and float(match["divisor"]) > 0:
+        return "better", float(match["divisor"])
+    return None
+
+
+def build_dump(recorder, spec: QuantSpec, scales: Optional[Sequence[LayerScales]], meta: Optional[dict] = None) -> dict:
+    """The dump of one run: `recorder`'s snapshot and statistics, with the scales of every block.
+
+    scales: one LayerScales per block (None only for fp without calibration). meta: `model`
+    (the model id as given), `scales_sha256` and `calibration` (the calibration settings); any
+    further keys are recorded in `config` as they are, so they must not vary between identical runs.
+    """
+    meta = meta or {}
+    extras = {key: value for key, value in meta.items() if key not in META_KEYS}
+    config = {
+        "float_sim_asic": spec.mode in ("same", "better"),
+        "float_sim_better_scale": spec.mode == "better",
+        "format": DUMP_FORMAT,
+        "mode": spec.mode,
+        "divisor": float(spec.divisor) if spec.mode == "better" else None,
+        "rounding": spec.output_rounding if spec.quantized else None,
+        "clamp": _clamp_setting(spec),
+        "code_range": None if spec.code_range() is None else [float(bound) for bound in spec.code_range()],
+        **{key: meta.get(key) for key in META_KEYS},
+        "n_layer": recorder.n_layer,
+        "dump_n": recorder.dump_n,
+        "package_version": __version__,
+    }
+    clashes = sorted(set(extras) & set(config))
+    if clashes:
+        raise ValueError(f"meta keys {clashes} would overwrite the dump's own config keys")
+    config.update(extras)
+    snapshots = recorder.snapshots()
+    summaries = recorder.layer_summaries()
+    layers = [
+        _layer_entry(spec, scales[i] if scales is not None else None, snapshots[i], summaries[i], recorder.dump_n)
+        for i in range(recorder.n_layer)
+    ]
+    return {"config": config, "layers": layers}
+
+
+def write_dump(dump_dir, recorder, spec: QuantSpec, scales, meta: Optional[dict] = None) -> Path:
+    """Write the run's dump atomically to ``dump_dir/dump_filename(mode, divisor)``; returns the path."""
+    path = Path(dump_dir) / dump_filename(spec.mode, spec.divisor)
+    write_json_atomic(path, build_dump(recorder, spec, scales, meta))
+    return path
+
+
+def read_dump(path) -> dict:
+    """A dump file's content, checked against `dump.schema.json`; InputError (one line) when unusable."""
+    path = Path(path)
+    try:
+        dump = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: invalid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    except ValueError as error:
+        raise InputError(f"{path}: invalid JSON: {error}") from None
+    problem = schema_problem(dump)
+    if problem:
+        raise InputError(f"{path}: not a dump file: {problem}")
+    return dump
+
+
+def schema_problem(dump) -> Optional[str]:
+    """The most relevant way `dump` departs from the schema, in one line, or None when it conforms."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(dump))
+    if error is None:
+        return None
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
+    return f"{where.lstrip('.') or 'top level'}: {error.message}"
+
+
+def schema() -> dict:
+    return json.loads(resources.files(__package__).joinpath("dump.schema.json").read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=None)
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema())
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _clamp_setting(spec: QuantSpec) -> Optional[str]:
+    """The clamp applied: int8 and same always clamp to the int8 range; better as configured."""
+    if not spec.quantized:
+        return None
+    return spec.clamp if spec.mode == "better" else "range"
+
+
+def _layer_entry(spec: QuantSpec, scales: Optional[LayerScales], snapshot, summary: dict, dump_n: int) -> dict:
+    output_scale = scales.output if scales is not None else None
+    effective_scale = spec.effective_scale(output_scale) if spec.quantized else None
+    if snapshot is None:
+        before = after = [None] * dump_n
+        codes = [None] * dump_n if spec.quantized else None
+    else:
+        before, after, codes = snapshot.before, snapshot.after, snapshot.codes
+        if spec.mode == "int8":
+            before = _int8_before_quant(codes, output_scale)
+    return {
+        "layer_idx": summary["layer_idx"],
+        "effective_scale": effective_scale,
+        "output_scale": output_scale,
+        "before_quant": _json_numbers(before),
+        "after_quant": _json_numbers(after),
+        "codes": codes,
+        "input_scale": scales.input if scales is not None else None,
+        "weight_scale": scales.weight if scales is not None else None,
+        "bias_scale": scales.bias if scales is not None else None,
+        "stats": {key: value for key, value in summary.items() if key != "layer_idx"},
+    }
+
+
+def _int8_before_quant(codes: list, output_scale: float) -> list:
+    """The user's document: the kernel's fp32 y is not observable, so before_quant is code * output_scale (fp32)."""
+    scale = np.float32(output_scale)
+    return [None if code is None else float(np.float32(code) * scale) for code in codes]
+
+
+def _json_numbers(values: list) -> list:
+    return [value if value is not None and math.isfinite(value) else None for value in values]
