@@ -36,6 +36,7 @@ class MambaConfig:
     conv_bias: bool = True
     bias: bool = False
     pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
 
     @property
     def d_inner(self) -> int:
@@ -142,10 +143,15 @@ class MambaLM(nn.Module):
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.backbone.embedding.weight
+        self.tie_weights()
         self.spec = QuantSpec("fp")
         self.scales: Optional[list[LayerScales]] = None
         self.recorder = None
+
+    def tie_weights(self) -> None:
+        """Share the embedding with lm_head when the config ties them (again, after loading weights)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
 
     def quantize(self, spec: QuantSpec, scales: Optional[list[LayerScales]]) -> "MambaLM":
         """Set the Conv1D+SiLU mode of every block, with one LayerScales per block."""
