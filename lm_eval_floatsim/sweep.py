@@ -1,0 +1,199 @@
+"""`lm-eval-floatsim sweep --modes ... --divisors ... -- <lm_eval args>`: every mode in one process.
+
+The model is loaded and calibrated once; each mode re-quantizes it with the same scales
+(FloatSimLM.switch_mode) and is evaluated with lm_eval.simple_evaluate, its results saved exactly
+as `lm_eval --output_path` saves them (EvaluationTracker), so that `compare` finds them. The task
+index (lm-eval's TaskManager) is built once too. At the end the runs are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from . import compare
+from .errors import ArgumentError, InputError
+from .quant import MODES
+from .runs import load_run, run_label
+
+MODEL_NAME = "mamba_floatsim"
+# Set by sweep itself for each run; in --model_args they would be silently overridden.
+SWEPT_ARGUMENTS = ("mode", "divisor")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--modes", default="fp,int8,same,better", help="comma-separated modes, evaluated in this order "
+                        "(default: fp,int8,same,better)")
+    parser.add_argument("--divisors", default=None, help="comma-separated divisors for mode better (default: 2025)")
+    parser.add_argument("--baseline", default="int8", help="compare's baseline (default: int8)")
+    parser.add_argument("--max-drop", type=float, default=None, metavar="X", help="compare's regression gate (see compare)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="write compare.md, compare.json and plots into DIR")
+    parser.add_argument("lm_eval_args", nargs=argparse.REMAINDER,
+                        help="after --: lm_eval's own arguments (--model_args, --tasks, --output_path, ...)")
+
+
+def run(args) -> int:
+    plan = sweep_plan(args.modes, args.divisors)
+    compare.validate_options(args.baseline, args.max_drop)
+    config = lm_eval_config(args.lm_eval_args)
+    check_baseline_swept(args.baseline, args.max_drop, plan)
+    results_files = evaluate_all(config, plan)
+    if not results_files:  # a data-parallel rank other than 0: rank 0 saves and compares
+        return 0
+    comparison = compare.compare_runs([load_run(path) for path in results_files], args.baseline, args.max_drop)
+    text = compare.render_markdown(comparison)
+    print(text, end="")
+    if args.out:
+        for path in compare.write_outputs(comparison, text, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+    return comparison["exit_code"]
+
+
+# --- options -------------------------------------------------------------------------------------
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_divisor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ArgumentError("--divisors", text, "comma-separated positive numbers, e.g. 16,256,2025")
+    return value
+
+
+def sweep_plan(modes: str, divisors: str | None) -> list[tuple[str, float | None]]:
+    """The (mode, divisor) runs in order: each mode as listed, `better` once per divisor."""
+    names = _split(modes)
+    allowed = "comma-separated modes from " + ", ".join(MODES) + ", each once"
+    if not names or any(name not in MODES for name in names) or len(set(names)) != len(names):
+        raise ArgumentError("--modes", modes, allowed)
+    if divisors is not None and "better" not in names:
+        raise ArgumentError("--divisors", divisors, "no value unless --modes includes better")
+    values = [parse_divisor(text) for text in _split(divisors if divisors is not None else "2025")]
+    if not values or len(set(values)) != len(values):
+        raise ArgumentError("--divisors", divisors, "comma-separated distinct positive numbers")
+    return [(name, divisor) for name in names for divisor in (values if name == "better" else [None])]
+
+
+def check_baseline_swept(baseline: str, max_drop, plan) -> None:
+    """A gate against a mode the sweep does not evaluate would fail only after hours of work."""
+    labels = [run_label(mode, divisor) for mode, divisor in plan]
+    modes = [mode for mode, _ in plan]
+    if max_drop is not None and baseline not in labels and modes.count(baseline) != 1:
+        raise ArgumentError("--baseline", baseline, "one of the swept runs: " + ", ".join(labels))
+
+
+def lm_eval_parser() -> argparse.ArgumentParser:
+    """lm-eval's own `run` parser, so that every lm_eval option is spelled as users know it."""
+    from lm_eval._cli.run import Run
+
+    parser = argparse.ArgumentParser(prog="lm-eval-floatsim sweep ... --")
+    Run.create(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def lm_eval_config(argv: list[str]):
+    """lm-eval's EvaluatorConfig from the arguments after `--`, checked for what sweep needs."""
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    argv = argv[1:] if argv[:1] == ["--"] else argv
+    namespace = lm_eval_parser().parse_args(["run", *argv])
+    if namespace.model not in (None, MODEL_NAME):
+        raise ArgumentError("--model", namespace.model, f"{MODEL_NAME} (or nothing)")
+    try:
+        config = EvaluatorConfig.from_cli(namespace)
+    except (ValueError, TypeError, OSError) as error:
+        raise InputError(f"lm_eval arguments: {error}") from None
+    config.model = MODEL_NAME
+    config.hf_hub_log_args["output_path"] = config.output_path
+    if os.environ.get("HF_TOKEN"):  # as lm-eval's own `run` does, for --hf_hub_log_args push_*
+        config.hf_hub_log_args["token"] = os.environ["HF_TOKEN"]
+    for name in SWEPT_ARGUMENTS:
+        if name in config.model_args:
+            raise ArgumentError(f"--model_args {name}", config.model_args[name], "nothing: sweep sets it from --modes/--divisors")
+    if not config.output_path or Path(config.output_path).suffix == ".json":
+        raise ArgumentError("--output_path", config.output_path, "a folder: sweep saves every run's results there for compare")
+    return config
+
+
+# --- evaluating ----------------------------------------------------------------------------------
+
+
+def build_lm(model_args: dict, config):
+    """The one FloatSimLM of the sweep, built as lm_eval builds a registered model from its arguments."""
+    from .lm_model import FloatSimLM
+
+    extra = {"batch_size": config.batch_size, "max_batch_size": config.max_batch_size, "device": config.device}
+    return FloatSimLM.create_from_arg_obj(model_args, extra)
+
+
+def results_file(tracker) -> Path:
+    """Where EvaluationTracker.save_results_aggregated put the results (its own naming rule)."""
+    folder = Path(tracker.output_path) / str(tracker.general_config_tracker.model_name_sanitized)
+    return folder / f"results_{tracker.date_id}.json"
+
+
+def evaluate_all(config, plan) -> list[Path]:
+    """Load once, then per (mode, divisor): switch, evaluate, save. Returns the results files in order."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.utils import make_table
+
+    first_quantized = next(((mode, divisor) for mode, divisor in plan if mode != "fp"), plan[0])
+    lm = build_lm(run_model_args(config.model_args, *first_quantized), config)
+    task_manager = config.process_tasks(config.metadata)
+    written = []
+    for mode, divisor in plan:
+        print(f"lm-eval-floatsim sweep: evaluating {run_label(mode, divisor)}", file=sys.stderr)
+        lm.switch_mode(mode, divisor=divisor)
+        tracker = EvaluationTracker(**config.hf_hub_log_args)
+        results = lm_eval.simple_evaluate(model=lm, model_args=run_model_args(config.model_args, mode, divisor),
+                                          task_manager=task_manager, evaluation_tracker=tracker,
+                                          **simple_evaluate_options(config))
+        if results is None:  # not rank 0 of a data-parallel run: rank 0 saves
+            continue
+        results["config"]["model"] = MODEL_NAME
+        save_results(tracker, results, config.log_samples)
+        print(make_table(results))
+        written.append(results_file(tracker))
+        if not written[-1].is_file():
+            raise InputError(f"lm-eval did not save the results of {run_label(mode, divisor)} to {written[-1]}")
+    return written
+
+
+def run_model_args(model_args: dict, mode: str, divisor) -> dict:
+    """The model arguments a separate `lm_eval` run of this mode would have had (recorded in the results)."""
+    return {**model_args, "mode": mode, **({} if divisor is None else {"divisor": divisor})}
+
+
+def simple_evaluate_options(config) -> dict:
+    """simple_evaluate's keyword arguments as lm-eval's own `run` command passes them."""
+    cache = config.cache_requests or {}
+    seeds = config.seed or [None] * 4
+    return dict(
+        tasks=config.tasks, num_fewshot=config.num_fewshot, batch_size=config.batch_size,
+        max_batch_size=config.max_batch_size, device=config.device, use_cache=config.use_cache,
+        cache_requests=cache.get("cache_requests", False), rewrite_requests_cache=cache.get("rewrite_requests_cache", False),
+        delete_requests_cache=cache.get("delete_requests_cache", False), limit=config.limit, samples=config.samples,
+        check_integrity=config.check_integrity, write_out=config.write_out, log_samples=config.log_samples,
+        system_instruction=config.system_instruction, apply_chat_template=config.apply_chat_template,
+        fewshot_as_multiturn=config.fewshot_as_multiturn, gen_kwargs=config.gen_kwargs, verbosity=config.verbosity,
+        predict_only=config.predict_only, random_seed=seeds[0], numpy_random_seed=seeds[1],
+        torch_random_seed=seeds[2], fewshot_random_seed=seeds[3],
+        confirm_run_unsafe_code=config.confirm_run_unsafe_code, metadata=config.metadata,
+    )
+
+
+def save_results(tracker, results: dict, log_samples: bool) -> None:
+    samples = results.pop("samples", None) if log_samples else None
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task_name in results["configs"] if log_samples else ():
+        tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
