@@ -302,8 +302,8 @@ def test_same_scale_reproduces_int8_codes_in_a_real_forward_pass():
     torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=64, n_layer=4, vocab_size=200)).eval()
     gen = torch.Generator().manual_seed(1)
-    scales = calibrate_model(model, torch.randint(0, 200, (4, 128), generator=gen))
-    tokens = torch.randint(0, 200, (8, 128), generator=gen)
+    scales = calibrate_model(model, torch.randint(0, 200, (4, 64), generator=gen))
+    tokens = torch.randint(0, 200, (16, 64), generator=gen)
 
     int8_inputs, int8 = forward_capturing(model.quantize(QuantSpec("int8"), scales), tokens)
     same_inputs, same = forward_capturing(model.quantize(QuantSpec("same"), scales), tokens)
