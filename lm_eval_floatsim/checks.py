@@ -96,18 +96,22 @@ def run(args) -> int:
             raise
         print(json.dumps({"dir": str(args.dir), "ok": False, "error": str(error), "checks": []}, indent=2))
         return 2
-    results = check_dumps(files)
+    return report(args.dir, files, check_dumps(files), as_json=args.json)
+
+
+def report(folder, files: list[DumpFile], results: list[CheckResult], as_json: bool = False) -> int:
+    """Print the results (text or JSON) and return the exit code: 0 all passed, 1 one failed."""
     failed = [result for result in results if not result.ok]
-    if args.json:
-        report = {
-            "dir": str(args.dir),
+    if as_json:
+        content = {
+            "dir": str(folder),
             "ok": not failed,
             "files": [file.name for file in files],
             "checks": [asdict(result) for result in results],
         }
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        print(json.dumps(content, indent=2, ensure_ascii=False))
     else:
-        print(f"Checking {args.dir}: {', '.join(file.name for file in files)}")
+        print(f"Checking {folder}: {', '.join(file.name for file in files)}")
         for result in results:
             print(result.line())
         counted = [result for result in results if not result.informational]
@@ -186,7 +190,7 @@ def check_layer_order(file: DumpFile, n_layer: int) -> CheckResult:
         return CheckResult(name, False, f"layer {missing[0]} missing{more} of 0..{n_layer - 1}", missing[0])
     for position, layer_idx in enumerate(indices):
         if layer_idx != position:
-            detail = f"layer {position} is not at position {position}: layer_idx {layer_idx} is (order or duplicates)"
+            detail = f"layer {position} out of place: position {position} holds layer_idx {layer_idx} (order or repeats)"
             return CheckResult(name, False, detail, position)
     return CheckResult(name, True, f"layer_idx 0..{n_layer - 1}")
 
@@ -249,12 +253,14 @@ def check_effective_scale(file: DumpFile) -> CheckResult:
         return CheckResult(name, True, "null in every layer (unquantized)")
     divisor = file.divisor if file.mode == "better" else 1.0
     rule = f"output_scale / {format_divisor(divisor)}" if file.mode == "better" else "output_scale"
+    failures = []
     for layer in file.layers:
         effective, output = layer["effective_scale"], layer["output_scale"]
         if _is_number(effective) and _is_number(output) and not scales_match(effective, output / divisor):
-            detail = (f"layer {layer['layer_idx']}: effective_scale {effective!r} != {rule} = {output / divisor!r} "
-                      f"(ratio {effective / (output / divisor):.6g})")
-            return CheckResult(name, False, detail, layer["layer_idx"])
+            failures.append((layer["layer_idx"], f"effective_scale {effective!r} != {rule} = {output / divisor!r} "
+                                                 f"(ratio {effective / (output / divisor):.6g})"))
+    if failures:
+        return _first_failure(name, failures)
     return CheckResult(name, True, f"= {rule} in every layer (to 1 fp32 ulp)")
 
 
@@ -268,16 +274,22 @@ def check_grid(file: DumpFile) -> CheckResult:
                     return CheckResult(name, False, detail, layer["layer_idx"])
         return CheckResult(name, True, "after_quant = before_quant (unquantized)")
     code_range = _code_range(file)
-    for layer in file.layers:
-        problem = _off_grid(file, layer, code_range)
-        if problem:
-            return CheckResult(name, False, f"layer {layer['layer_idx']}: {problem}", layer["layer_idx"])
+    failures = [(layer["layer_idx"], problem) for layer in file.layers if (problem := _off_grid(file, layer, code_range))]
+    if failures:
+        return _first_failure(name, failures)
     rule = "after_quant = code * effective_scale"
     if file.mode == "int8":
         rule += ", before_quant = code * output_scale"
     bounds = "unclamped" if code_range is None else f"in [{format_divisor(code_range[0])}, {format_divisor(code_range[1])}]"
     source = "" if any(isinstance(layer.get("codes"), list) for layer in file.layers) else "; codes derived from after_quant"
     return CheckResult(name, True, f"{rule} (fp32), integer codes {bounds}{source}")
+
+
+def _first_failure(name: str, failures: list[tuple[int, str]]) -> CheckResult:
+    """The first failing layer in detail, and how many layers fail in all."""
+    layer_idx, problem = failures[0]
+    more = f" ({len(failures)} layers fail)" if len(failures) > 1 else ""
+    return CheckResult(name, False, f"layer {layer_idx}: {problem}{more}", layer_idx)
 
 
 def _off_grid(file: DumpFile, layer: dict, code_range) -> Optional[str]:

@@ -93,9 +93,14 @@ def build_dump(recorder, spec: QuantSpec, scales: Optional[Sequence[LayerScales]
 
 def write_dump(dump_dir, recorder, spec: QuantSpec, scales, meta: Optional[dict] = None) -> Path:
     """Write the run's dump atomically to ``dump_dir/dump_filename(mode, divisor)``; returns the path."""
-    path = Path(dump_dir) / dump_filename(spec.mode, spec.divisor)
-    write_json_atomic(path, build_dump(recorder, spec, scales, meta))
-    return path
+    return save_dump(dump_dir, build_dump(recorder, spec, scales, meta))
+
+
+def save_dump(dump_dir, dump: dict) -> Path:
+    """Write a dump made by `build_dump` atomically into `dump_dir`, under its mode's file name."""
+    config = dump["config"]
+    path = Path(dump_dir) / dump_filename(config["mode"], config["divisor"])
+    return write_json_atomic(path, dump)
 
 
 def read_dump(path) -> dict:

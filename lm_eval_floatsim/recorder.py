@@ -124,7 +124,9 @@ class LayerObserver:
         # of one call are fp32 (torch sums pairwise: relative error ~1e-8 at these sizes) and are
         # accumulated in float64, where the many calls of a run add up.
         error = (after - before).abs_()
-        valid = error < math.inf  # False where before or after is NaN or infinite
+        # False where before or after is NaN or infinite (or their difference overflows fp32, which
+        # needs |before| near 3.4e38: after is bounded by the code range or equals before)
+        valid = error < math.inf
         if self.mask is None:
             real = before.numel()
         else:
