@@ -1,0 +1,101 @@
+"""The Python API, usable without lm-eval: load a Mamba checkpoint with its Conv1D+SiLU in a mode.
+
+    from lm_eval_floatsim.api import load_model
+    model, tokenizer, scales = load_model("state-spaces/mamba-130m", mode="better", divisor=2025)
+    logits = model(tokenizer("Hello", return_tensors="pt").input_ids)
+
+Quantized modes need scales: a scales file (`scales=PATH`), a `Scales` object, or, by default,
+calibration through the cache (`calibration.cached_scales`), so that every mode of one model and
+calibration uses the same scales and only the first run calibrates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Union
+
+from .calibration import CalibrationSettings, Scales, cached_scales, data_fingerprint
+from .errors import ArgumentError, InputError
+from .loading import load_pretrained, load_tokenizer, resolve_dtype
+from .quant import QuantSpec
+
+
+class LoadedModel(NamedTuple):
+    model: Any
+    tokenizer: Any
+    scales: Optional[Scales]
+
+
+def load_model(
+    pretrained: str,
+    mode: str = "fp",
+    divisor: float = 2025,
+    rounding: str = "half_away",
+    clamp: str = "range",
+    scales: Union[str, Path, Scales, None] = None,
+    calib_data: Optional[str] = None,
+    calib_samples: Optional[int] = None,
+    calib_seqlen: Optional[int] = None,
+    percentile: Optional[float] = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    tokenizer: Optional[str] = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """(model, tokenizer, scales): a MambaLM in `mode`, its tokenizer, and the scales it uses.
+
+    The calibration arguments default to CalibrationSettings' (the first 512 documents of the Pile
+    validation split, 512 tokens each, percentile 0.9995). Given with `scales`, they must match the
+    settings recorded in the scales file. `scales` is None for mode=fp without a scales argument
+    (the unquantized model needs none). Every argument is checked before the checkpoint is loaded.
+    """
+    spec = QuantSpec(mode, divisor, rounding, clamp)
+    explicit = _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile)
+    settings = CalibrationSettings(**explicit)
+    resolve_dtype(dtype, device)
+    chosen = _given_scales(scales, explicit)
+
+    model = load_pretrained(pretrained, dtype, device)
+    tok = load_tokenizer(pretrained, tokenizer)
+    if chosen is not None:
+        _check_layer_count(chosen, model, pretrained)
+    elif spec.quantized:
+        chosen = cached_scales(pretrained, model, tok, settings, progress=progress)
+    model.quantize(spec, chosen.layers if chosen is not None else None)
+    return LoadedModel(model, tok, chosen)
+
+
+def _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile) -> dict:
+    chosen = dict(calib_data=calib_data, calib_samples=calib_samples, calib_seqlen=calib_seqlen, percentile=percentile)
+    return {name: value for name, value in chosen.items() if value is not None}
+
+
+def _given_scales(scales, explicit: dict) -> Optional[Scales]:
+    """The scales the user passed (loaded and checked against explicit calibration settings)."""
+    if scales is None:
+        return None
+    if not isinstance(scales, (str, Path, Scales)):
+        raise ArgumentError("scales", scales, "a path to a scales file")
+    loaded = scales if isinstance(scales, Scales) else Scales.load(scales)
+    source = f"scales file {loaded.path}" if loaded.path is not None else "the given scales"
+    for name, value in explicit.items():
+        if not _recorded_as(loaded.settings, name, value):
+            recorded = loaded.settings.get(name)
+            raise ArgumentError(name, value, f"{recorded!r} as recorded in {source}, or no {name} argument")
+    return loaded
+
+
+def _recorded_as(settings: dict, name: str, value) -> bool:
+    """A local calibration file matches by content (its path may be spelled differently)."""
+    if name == "calib_data":
+        fingerprint = data_fingerprint(value)
+        if fingerprint is not None:
+            return settings.get("calib_data_sha256") == fingerprint
+    return settings.get(name) == value
+
+
+def _check_layer_count(scales: Scales, model, pretrained: str) -> None:
+    n_layer = model.config.n_layer
+    if len(scales.layers) != n_layer:
+        source = scales.path if scales.path is not None else "the given scales"
+        raise InputError(f"{source} has {len(scales.layers)} layers but {pretrained} has {n_layer} blocks")
