@@ -26,6 +26,11 @@ TOP_DIFFERING_LAYERS = 5
 # --- formatting ----------------------------------------------------------------------------------
 
 
+def _fixed_point_fits(value: float) -> bool:
+    """Fixed decimals read best for accuracies and dB; a random model's perplexity of 1e14 does not."""
+    return value == 0 or 1e-3 <= abs(value) < 1e6
+
+
 def fmt(value, digits: int = 4) -> str:
     if value is None:
         return "—"
@@ -35,7 +40,7 @@ def fmt(value, digits: int = 4) -> str:
         return str(value)
     if not math.isfinite(value):
         return str(value)
-    return f"{value:.{digits}f}"
+    return f"{value:.{digits}f}" if _fixed_point_fits(value) else f"{value:.{digits}g}"
 
 
 def fmt_err(value) -> str:
@@ -44,7 +49,9 @@ def fmt_err(value) -> str:
 
 
 def fmt_signed(value, digits: int = 4) -> str:
-    return "—" if value is None else f"{value:+.{digits}f}"
+    if value is None:
+        return "—"
+    return f"{value:+.{digits}f}" if _fixed_point_fits(value) else f"{value:+.{digits}g}"
 
 
 def fmt_percent(value) -> str:

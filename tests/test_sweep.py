@@ -115,6 +115,14 @@ def fakes(tmp_path, monkeypatch):
     return built, calls
 
 
+def counting(function, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return counted
+
+
 def sweep_cli(*argv) -> int:
     return cli.main(["sweep", *map(str, argv)])
 
@@ -192,3 +200,38 @@ def test_bad_arguments_fail_before_anything_is_loaded(tmp_path, fakes, capsys, o
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert built == [] and calls == []
+
+
+def test_real_sweep_calibrates_once_and_every_mode_passes_the_checks(tmp_path, task_dir, monkeypatch, capsys):
+    """End to end with the real FloatSimLM on a tiny random checkpoint (the demo's path, smaller)."""
+    from helpers_models import make_checkpoint
+
+    from lm_eval_floatsim import calibration
+
+    model_dir, _ = make_checkpoint(tmp_path / "model", layout="transformers", num_hidden_layers=3)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("".join(f"calibration sentence {i} about the colour of the sky\n" for i in range(8)))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no scales from another test's cache
+    calibrations, builds = [], []
+    monkeypatch.setattr(calibration, "calibrate", counting(calibration.calibrate, calibrations))
+    monkeypatch.setattr(sweep, "build_lm", counting(sweep.build_lm, builds))
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+
+    out = tmp_path / "results"
+    code = sweep_cli("--modes", "int8,same,better", "--divisors", "16,2025", "--",
+                     "--model_args", f"pretrained={model_dir},calib_data={calib},calib_samples=4,calib_seqlen=32,"
+                                     f"dump_dir={tmp_path / 'dumps'}",
+                     "--tasks", "sweep_lambada", "--include_path", task_dir, "--output_path", out)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert len(builds) == 1 and len(calibrations) == 1
+    runs = find_runs([out])
+    assert sorted(summarize(run)["label"] for run in runs) == ["better/16", "better/2025", "int8", "same"]
+    assert len({run["results"]["config"]["floatsim"]["scales_sha256"] for run in runs}) == 1
+    assert "✓ floatsim_samescale.json vs int8_baseline.json: codes" in printed
+    assert "✓ floatsim_betterscale_16.json vs floatsim_samescale.json: smaller quantization error (stats of the run)" in printed
+    # Each run's folder beside its results holds the report, which relates it to the runs before it.
+    last = max(runs, key=lambda run: run["results"]["date"])
+    report = json.loads((Path(last["dump_path"]).parent / "report.json").read_text())
+    assert [s["label"] for s in report["runs"]] == ["int8", "same", "better/16", "better/2025"]
