@@ -55,11 +55,15 @@ def validate_options(baseline: str, max_drop) -> None:
 # --- building the comparison ---------------------------------------------------------------------
 
 
-def resolve_baseline(baseline: str, summaries: list[dict]) -> dict | None:
-    """The run a baseline names: its exact label, or the only run of that mode."""
+def resolve_baseline(baseline: str, summaries: list[dict]) -> tuple[dict | None, str]:
+    """The run a baseline names (its exact label, or the only run of that mode), or None and why not."""
     exact = [s for s in summaries if s["label"] == baseline]
     same_mode = [s for s in summaries if s["mode"] == baseline]
-    return (exact or (same_mode if len(same_mode) == 1 else [None]))[0]
+    if exact or len(same_mode) == 1:
+        return (exact or same_mode)[0], ""
+    if same_mode:
+        return None, f"`{baseline}` matches several runs ({', '.join(s['label'] for s in same_mode)}): name one with --baseline"
+    return None, f"no `{baseline}` run among these (runs: {', '.join(s['label'] for s in summaries)})"
 
 
 def metrics_table_data(summaries: list[dict], base: dict | None) -> list[dict]:
@@ -115,16 +119,16 @@ def gate_failures(tables: list[dict], base_label: str, max_drop: float) -> list[
 
 
 def compare_group(summaries: list[dict], superseded: list[dict], baseline: str, max_drop) -> dict:
-    base = resolve_baseline(baseline, summaries)
+    base, why_not = resolve_baseline(baseline, summaries)
     if base is None and max_drop is not None:
-        labels = ", ".join(s["label"] for s in summaries)
-        raise InputError(f"--max-drop needs a {baseline} run to compare against, but the runs of model "
-                         f"{summaries[0].get('model')} with scales {(summaries[0].get('scales_sha256') or '?')[:12]} are: {labels}")
+        scales = (summaries[0].get("scales_sha256") or "?")[:12]
+        raise InputError(f"--max-drop needs a baseline run: model {summaries[0].get('model')}, scales {scales}: {why_not}")
     tables = metrics_table_data(summaries, base)
     return {
         "model": summaries[0].get("model"),
         "scales_sha256": summaries[0].get("scales_sha256"),
         "baseline": base["label"] if base else None,
+        "baseline_missing": why_not or None,
         "runs": [{k: s.get(k) for k in ("label", "mode", "divisor", "rounding", "clamp", "date", "source", "dump_path",
                                          "mean_sqnr_db", "min_sqnr_db", "worst_layer", "max_abs_err")} for s in summaries],
         "superseded": [s.get("source") for s in superseded],
@@ -177,21 +181,21 @@ def render_markdown(comparison: dict) -> str:
         parts.append(f"The runs use {len(groups)} different models or calibrations (scales): they are not comparable "
                      "with each other, so each set is reported on its own.")
     for group in groups:
-        parts += _group_markdown(group, comparison["baseline"])
+        parts += _group_markdown(group)
     for section in comparison["sections"]:
         parts += [f"## {section['title']}", _section_body(section)]
     parts += _verdict(comparison)
     return "\n\n".join(part for part in parts if part) + "\n"
 
 
-def _group_markdown(group: dict, baseline: str) -> list[str]:
+def _group_markdown(group: dict) -> list[str]:
     labels = [run["label"] for run in group["runs"]]
     parts = [f"## Model `{group['model']}`, scales `{(group['scales_sha256'] or '?')[:12]}`",
              "Runs: " + "; ".join(f"{run['label']} (`{run['source']}`)" for run in group["runs"])]
     if group["superseded"]:
         parts.append("Older runs of the same modes, not shown: " + ", ".join(f"`{s}`" for s in group["superseded"]))
     if group["baseline"] is None:
-        parts.append(f"No `{baseline}` run among these: changes are not shown.")
+        parts.append(f"Changes are not shown: {group['baseline_missing']}.")
     for table in group["metrics"]:
         parts += [f"### {table['display']} — {metric_name(table)} ({direction(table)})", _metric_markdown(table, labels, group["baseline"])]
     quantized = [run["label"] for run in group["runs"] if run["mode"] != "fp"]

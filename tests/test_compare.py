@@ -174,7 +174,8 @@ def write_run(root: Path, label: str, metrics: dict | None = None, scales: dict 
     dump = make_dump(mode, divisor, scales, sqnr_offset=sqnr_offset)
     (run_folder / dump_name(mode, divisor)).write_text(json.dumps(dump, indent=1))
     (run_folder / "scales.json").write_text(json.dumps(scales))
-    results = make_results(mode, divisor, metrics or METRICS[label], scales, dump,
+    metrics = metrics or METRICS[label if label in METRICS else "better/2025"]  # other divisors: the same metrics
+    results = make_results(mode, divisor, metrics, scales, dump,
                            f"/gone/yzCheckFloatSim/{dump_name(mode, divisor)}", date, groups)
     path = folder / f"results_{date_id}.json"
     path.write_text(json.dumps(results, indent=2))
@@ -294,7 +295,17 @@ def test_max_drop_respects_each_metrics_direction(tmp_path, capsys, acc_change, 
 def test_max_drop_without_the_baseline_run_is_unusable_input(tmp_path, capsys):
     write_run(tmp_path / "runs", "same")
     code, _, err = compare_cli(capsys, tmp_path / "runs", "--max-drop", "0.01")
-    assert code == 2 and "needs a int8 run" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "no `int8` run among these (runs: same)" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = compare_cli(capsys, tmp_path / "runs")
+    assert code == 0 and "Changes are not shown: no `int8` run among these" in out
+
+
+def test_an_ambiguous_baseline_asks_for_a_label(tmp_path, capsys):
+    write_standard_runs(tmp_path / "runs", labels=("better/16", "better/2025"))
+    code, _, err = compare_cli(capsys, tmp_path / "runs", "--baseline", "better", "--max-drop", "0.01")
+    assert code == 2 and "`better` matches several runs (better/16, better/2025)" in err
+    code, out, _ = compare_cli(capsys, tmp_path / "runs", "--baseline", "better/16", "--max-drop", "0.01")
+    assert code == 0 and "| better/16 | 0.6150 | 0.0068 | baseline |" in out
 
 
 # --- unusable input ------------------------------------------------------------------------------
