@@ -29,9 +29,18 @@ def floatsim_compare_sections(runs):
         summaries.append(summary)
     sections = []
     for group in comparable_groups(summaries):
-        for batch in dump_batches([run_of[id(summary)] for summary in group]):
+        for batch in dump_batches([run_of[id(summary)] for summary in checked_together(group)]):
             sections.append(checks_section(batch))
     return sections
+
+
+def checked_together(group: list[dict]) -> list[dict]:
+    """The group's runs whose dumps the checks can pool: an fp run joins a group whatever its
+    scales (it uses none), but its dump records the scales it was loaded with, and the checks
+    require one output scale per layer across the files."""
+    scales = next((summary["scales_sha256"] for summary in group if summary["mode"] != "fp"), None)
+    return [summary for summary in group
+            if summary["mode"] != "fp" or scales is None or summary["scales_sha256"] in (None, scales)]
 
 
 def dump_batches(group: list[dict]) -> list[list[dict]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import runs
 from .errors import InputError
 from .files import write_json_atomic, write_text_atomic
-from .runs import comparable_key, latest_per_label, metric_id, metric_name, summarize
+from .runs import comparable, comparable_key, latest_per_label, metric_id, metric_name, summarize
 
 REPORT_FORMAT = "lm_eval_floatsim.report/1"
 REPORT_JSON = "report.json"
@@ -253,9 +253,9 @@ def related_runs(run: dict, output_dir) -> tuple[list[dict], int]:
     output_dir = Path(output_dir)
     found = [summarize(other) for other in runs.find_runs_quietly([output_dir, output_dir.parent])]
     found += previous_report_runs(output_dir / REPORT_JSON)
-    key = comparable_key(summarize(run))
-    same = [s for s in found if comparable_key(s) == key]
-    other_labels = {(comparable_key(s), s["label"]) for s in found if comparable_key(s) != key}
+    this = summarize(run)
+    same = [s for s in found if comparable(s, this)]
+    other_labels = {(comparable_key(s), s["label"]) for s in found if not comparable(s, this)}
     return same, len(other_labels)
 
 

@@ -58,8 +58,9 @@ def date_id(results_path) -> str | None:
 
 
 def _candidates(results_path: Path, recorded) -> list[Path]:
-    """Where a file the run recorded may be: beside the results first (lm-eval's output folder
-    moves as a whole), then the recorded path as is and relative to the results."""
+    """Where a file the run recorded may be: in the folder beside the results that shares their
+    date id first (it moves with them and belongs to this run alone), then the recorded path (as
+    is, then relative to the results), then beside the results."""
     if not recorded:
         return []
     recorded = Path(recorded)
@@ -67,8 +68,8 @@ def _candidates(results_path: Path, recorded) -> list[Path]:
     candidates = []
     if date_id(results_path):
         candidates.append(here / f"floatsim_{date_id(results_path)}" / recorded.name)
-    candidates += [here / recorded.name, recorded, here / recorded]
-    return candidates
+    candidates += [recorded, here / recorded, here / recorded.name]
+    return list(dict.fromkeys(candidates))
 
 
 def locate(results_path, recorded) -> Path | None:
@@ -151,8 +152,13 @@ def mode_order(summary: dict) -> tuple:
 
 
 def comparable_key(summary: dict) -> tuple:
-    """Runs compare only with the same model and the same scales."""
+    """Quantized runs compare only with the same model and the same scales."""
     return summary.get("model"), summary.get("scales_sha256")
+
+
+def comparable(a: dict, b: dict) -> bool:
+    """Same model, and the same scales unless one is an fp run (which uses no scales)."""
+    return a.get("model") == b.get("model") and ("fp" in (a["mode"], b["mode"]) or comparable_key(a) == comparable_key(b))
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -277,8 +283,17 @@ def latest_per_label(summaries: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def comparable_groups(summaries: list[dict]) -> list[list[dict]]:
-    """Runs split by (model, scales): runs calibrated differently are never mixed in one table."""
+    """Runs split by (model, scales): runs calibrated differently are never mixed in one table.
+
+    An fp run uses no scales: it joins every group of its model (or forms one of its own).
+    """
     groups: dict[tuple, list[dict]] = {}
     for summary in summaries:
-        groups.setdefault(comparable_key(summary), []).append(summary)
+        if summary["mode"] != "fp":
+            groups.setdefault(comparable_key(summary), []).append(summary)
+    for summary in summaries:
+        if summary["mode"] == "fp":
+            homes = [key for key in groups if key[0] == summary.get("model")] or [(summary.get("model"), None)]
+            for key in homes:
+                groups.setdefault(key, []).append(summary)
     return [sorted(group, key=mode_order) for group in groups.values()]

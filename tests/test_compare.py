@@ -374,6 +374,40 @@ def test_runs_with_different_scales_are_not_mixed(tmp_path, capsys):
     assert (tmp_path / "cmp" / "accuracy_1.png").is_file() and (tmp_path / "cmp" / "accuracy_2.png").is_file()
 
 
+def test_an_fp_run_uses_no_scales_and_joins_every_group_of_its_model(tmp_path, capsys):
+    other = make_scales(seed=7)
+    write_standard_runs(tmp_path / "a", labels=("int8", "same"))
+    write_run(tmp_path / "b", "int8", METRICS["same"], scales=other, date=1.9e9)
+    fp = write_run(tmp_path / "c", "fp", date=1.7e9)
+    results = json.loads(fp.read_text())  # a plain `mode=fp` run is not calibrated: no scales at all
+    results["config"]["floatsim"].update(scales_sha256=None, scales_file=None)
+    fp.write_text(json.dumps(results))
+    fp_dump = next(fp.parent.glob("floatsim_*/fp_reference.json"))
+    dump = json.loads(fp_dump.read_text())
+    dump["config"]["scales_sha256"] = None
+    for layer in dump["layers"]:
+        layer.update(output_scale=None, input_scale=None, weight_scale=None, bias_scale=None)
+    fp_dump.write_text(json.dumps(dump))
+    code, out, _ = compare_cli(capsys, tmp_path, "--out", tmp_path / "cmp")
+    assert code == 0, out
+    groups = json.loads((tmp_path / "cmp" / "compare.json").read_text())["groups"]
+    assert sorted([r["label"] for r in g["runs"]] for g in groups) == [["fp", "int8"], ["fp", "int8", "same"]]
+    for group in groups:
+        int8_acc = METRICS["same" if len(group["runs"]) == 2 else "int8"]["lambada_openai"]["acc"][0]
+        acc = next(t for t in group["metrics"] if (t["task"], t["metric"]) == ("lambada_openai", "acc"))
+        assert acc["values"]["fp"]["change"] == pytest.approx(METRICS["fp"]["lambada_openai"]["acc"][0] - int8_acc)
+
+
+def test_an_fp_run_of_a_sweep_is_compared_with_other_scales_but_not_checked_with_them(tmp_path, capsys):
+    write_standard_runs(tmp_path / "a", labels=("fp", "int8"))
+    write_run(tmp_path / "b", "same", scales=make_scales(seed=7), date=1.9e9)
+    code, out, _ = compare_cli(capsys, tmp_path, "--out", tmp_path / "cmp")
+    assert code == 0, out
+    groups = json.loads((tmp_path / "cmp" / "compare.json").read_text())["groups"]
+    assert sorted([r["label"] for r in g["runs"]] for g in groups) == [["fp", "int8"], ["fp", "same"]]
+    assert "## Checks: fp, int8" in out and "## Checks: same\n" in out
+
+
 def test_the_latest_run_of_a_mode_wins(tmp_path, capsys):
     old = {"lambada_openai": {"acc": (0.40, 0.01), "perplexity": (9.0, 0.2)}}
     new = {"lambada_openai": {"acc": (0.61, 0.01), "perplexity": (5.0, 0.2)}}
