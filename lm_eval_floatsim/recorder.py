@@ -166,8 +166,15 @@ def _snapshot_to_host(before, after, codes) -> Snapshot:
     return Snapshot(
         before=before.cpu().tolist(),
         after=after.cpu().tolist(),
-        codes=None if codes is None else [int(code) if math.isfinite(code) else None for code in codes.cpu().tolist()],
+        codes=None if codes is None else [_code(code) for code in codes.cpu().tolist()],
     )
+
+
+def _code(value: float):
+    """An integer code as int; anything else as it is (a check then reports it), NaN as None."""
+    if not math.isfinite(value):
+        return None
+    return int(value) if value.is_integer() else value
 
 
 def _summary(layer_idx: int, row: list[float], max_abs_err: float) -> dict:

@@ -94,6 +94,11 @@ def move_off_grid(dump):
     layer["after_quant"][2] += 0.3 * layer["effective_scale"]
 
 
+def half_code(dump):
+    layer = dump["layers"][2]
+    layer["codes"][1] += 0.5
+
+
 @pytest.mark.parametrize(
     "name, tamper, check_name, layer",
     [
@@ -104,6 +109,7 @@ def move_off_grid(dump):
         (BETTER, divide_by_2024, f"{BETTER}: effective scale", 9),
         (INT8, swap_layers, f"{INT8}: every layer, in order", 3),
         (BETTER, move_off_grid, f"{BETTER}: values on the grid", 11),
+        (INT8, half_code, f"{INT8}: values on the grid", 2),
         (FP, null_value, f"{FP}: no nulls", 7),
     ],
 )

@@ -154,17 +154,17 @@ def test_model_forward_records_only_from_the_armed_batch():
         assert snapshot.before == expected
 
 
-def test_fp_snapshot_has_no_codes_and_nan_codes_become_none():
+def test_fp_snapshot_has_no_codes_and_nan_codes_become_none_and_others_stay():
     recorder = Recorder(2, 3)
     recorder.arm()
     y = torch.randn(1, 4, 2)
     recorder.layer(0, None)(y, y, None, None)
-    before = torch.tensor([[[float("nan")], [1.0], [2.0]]])
-    codes = torch.tensor([[[float("nan")], [10.0], [20.0]]])
+    before = torch.tensor([[[float("nan")], [1.0], [2.05]]])
+    codes = torch.tensor([[[float("nan")], [10.0], [20.5]]])  # a non-integer code stays visible to `check`
     recorder.layer(1, None)(before, codes * 0.1, codes, torch.zeros_like(codes, dtype=torch.bool))
     fp, quantized = recorder.snapshots()
     assert fp.codes is None
-    assert quantized.codes == [None, 10, 20]
+    assert quantized.codes == [None, 10, 20.5] and isinstance(quantized.codes[1], int)
     assert recorder.layer_summaries()[1]["nonfinite"] == 1
 
 
