@@ -34,11 +34,12 @@ DEFAULT_DUMP_N = 10
 @dataclass(frozen=True)
 class Snapshot:
     """One block's dumped values: before and after output quantization, and the integer codes
-    (None for fp; a code is None where the value it quantized was NaN)."""
+    (None for fp; a code is None where the value it quantized was NaN, and a float if it is not
+    an integer, so that `check` reports it)."""
 
     before: list[float]
     after: list[float]
-    codes: Optional[list[Optional[int]]]
+    codes: Optional[list]
 
 
 class Recorder:
@@ -53,8 +54,7 @@ class Recorder:
     def arm(self) -> None:
         """Make the next forward the snapshot batch and start the statistics.
 
-        Only the first armed forward is kept: arming again once it has been taken changes nothing,
-        so a caller may arm before every batch.
+        Only the first call counts; later ones change nothing, so a caller may arm before every batch.
         """
         if not self._recording:
             self._armed = self._recording = True
