@@ -7,20 +7,19 @@ import tempfile
 from pathlib import Path
 
 from . import hookimpl
+from .checks import run_checks
+from .report import write_run_report
+from .runs import comparable_groups, group_scales, summarize
 
 
 @hookimpl
 def floatsim_run_finished(run, output_dir):
-    from .report import write_run_report
-
     return [str(path) for path in write_run_report(run, output_dir)]
 
 
 @hookimpl(tryfirst=True)
 def floatsim_compare_sections(runs):
     """The user's checks (`lm-eval-floatsim check`) over the dumps of each set of comparable runs."""
-    from .runs import comparable_groups, summarize
-
     run_of = {}
     summaries = []
     for run in runs:
@@ -38,9 +37,8 @@ def checked_together(group: list[dict]) -> list[dict]:
     """The group's runs whose dumps the checks can pool: an fp run joins a group whatever its
     scales (it uses none), but its dump records the scales it was loaded with, and the checks
     require one output scale per layer across the files."""
-    scales = next((summary["scales_sha256"] for summary in group if summary["mode"] != "fp"), None)
-    return [summary for summary in group
-            if summary["mode"] != "fp" or scales is None or summary["scales_sha256"] in (None, scales)]
+    scales = group_scales(group)
+    return [summary for summary in group if summary["mode"] != "fp" or summary["scales_sha256"] in (None, scales)]
 
 
 def dump_batches(group: list[dict]) -> list[list[dict]]:
@@ -57,9 +55,6 @@ def dump_batches(group: list[dict]) -> list[list[dict]]:
 
 def checks_section(batch: list[dict]) -> dict:
     """Run the checks over a temporary folder holding the batch's dump files side by side."""
-    from .checks import run_checks
-    from .runs import summarize
-
     labels = [summarize(run)["label"] for run in batch]
     with tempfile.TemporaryDirectory(prefix="floatsim-compare-") as folder:
         for run in batch:

@@ -17,7 +17,7 @@ from .errors import ArgumentError, InputError
 from .files import write_json_atomic, write_text_atomic
 from .quant import MODES
 from .report import direction, fmt, fmt_err, fmt_signed, markdown_table
-from .runs import comparable_groups, find_runs, latest_per_label, metric_id, metric_name, summarize
+from .runs import comparable_groups, find_runs, group_scales, latest_per_label, metric_id, metric_name, summarize
 
 PLOT_HINT = "pip install 'lm-eval-floatsim[plot]'"
 COMPARE_FORMAT = "lm_eval_floatsim.compare/1"
@@ -46,7 +46,7 @@ def run(args) -> int:
 
 
 def validate_options(baseline: str, max_drop) -> None:
-    if baseline.split("/")[0].split()[0] not in MODES:
+    if baseline.split("/")[0].split()[:1] not in [[mode] for mode in MODES]:
         raise ArgumentError("--baseline", baseline, "a mode (" + ", ".join(MODES) + ") or a run label such as better/2025")
     if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
         raise ArgumentError("--max-drop", max_drop, "a finite number >= 0")
@@ -121,12 +121,12 @@ def gate_failures(tables: list[dict], base_label: str, max_drop: float) -> list[
 def compare_group(summaries: list[dict], superseded: list[dict], baseline: str, max_drop) -> dict:
     base, why_not = resolve_baseline(baseline, summaries)
     if base is None and max_drop is not None:
-        scales = (summaries[0].get("scales_sha256") or "?")[:12]
+        scales = (group_scales(summaries) or "?")[:12]
         raise InputError(f"--max-drop needs a baseline run: model {summaries[0].get('model')}, scales {scales}: {why_not}")
     tables = metrics_table_data(summaries, base)
     return {
         "model": summaries[0].get("model"),
-        "scales_sha256": summaries[0].get("scales_sha256"),
+        "scales_sha256": group_scales(summaries),
         "baseline": base["label"] if base else None,
         "baseline_missing": why_not or None,
         "runs": [{k: s.get(k) for k in ("label", "mode", "divisor", "rounding", "clamp", "date", "source", "dump_path",
@@ -175,7 +175,7 @@ def compare_runs(found_runs: list[dict], baseline: str = "int8", max_drop=None) 
 
 def render_markdown(comparison: dict) -> str:
     groups = comparison["groups"]
-    parts = [f"# Comparison of {sum(len(g['runs']) for g in groups)} runs",
+    parts = [f"# Comparison of {len({run['source'] for g in groups for run in g['runs']})} runs",
              f"Baseline: `{comparison['baseline']}`" + ("" if comparison["max_drop"] is None else f"; maximum drop allowed: {comparison['max_drop']}") + "."]
     if len(groups) > 1:
         parts.append(f"The runs use {len(groups)} different models or calibrations (scales): they are not comparable "

@@ -282,6 +282,11 @@ def latest_per_label(summaries: list[dict]) -> tuple[list[dict], list[dict]]:
     return kept, [summary for summary in summaries if id(summary) not in kept_ids]
 
 
+def group_scales(group: list[dict]) -> str | None:
+    """The scales hash of a comparable group: its quantized runs' (an fp run's own may differ)."""
+    return next((s.get("scales_sha256") for s in group if s["mode"] != "fp"), group[0].get("scales_sha256") if group else None)
+
+
 def comparable_groups(summaries: list[dict]) -> list[list[dict]]:
     """Runs split by (model, scales): runs calibrated differently are never mixed in one table.
 

@@ -345,8 +345,9 @@ def test_command_line_never_shows_a_traceback(tmp_path):
 
 def test_bad_options_are_argument_errors(tmp_path, capsys):
     write_run(tmp_path / "runs", "int8")
-    code, _, err = compare_cli(capsys, tmp_path / "runs", "--baseline", "int4")
-    assert code == 2 and "--baseline='int4' is not allowed" in err
+    for baseline in ("int4", ""):
+        code, _, err = compare_cli(capsys, tmp_path / "runs", "--baseline", baseline)
+        assert code == 2 and f"--baseline={baseline!r} is not allowed" in err
     code, _, err = compare_cli(capsys, tmp_path / "runs", "--max-drop", "-1")
     assert code == 2 and "--max-drop=-1.0 is not allowed" in err
 
