@@ -183,3 +183,19 @@ def test_observe_never_synchronises_with_the_host(monkeypatch):
     observer(*observation(6)[:4])  # and a statistics-only one
     monkeypatch.undo()
     assert recorder.layer_summaries()[0]["count"] == reference_stats([obs, observation(6)])["count"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's synchronisation debug mode needs a GPU")
+def test_observe_never_synchronises_with_a_gpu():
+    observations = [[None if t is None else t.cuda() for t in observation(seed)] for seed in (7, 8)]
+    recorder = Recorder(1, 10, device="cuda")
+    recorder.arm()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for before, after, codes, clamped, mask in observations:
+            recorder.layer(0, mask)(before, after, codes, clamped)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = [[t.cpu() for t in obs] for obs in observations]
+    assert recorder.layer_summaries()[0]["count"] == reference_stats(cpu)["count"]
