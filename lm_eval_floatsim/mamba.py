@@ -194,6 +194,10 @@ class MambaLM(nn.Module):
         hidden = self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
         return self.lm_head(hidden)
 
+    def step(self, input_ids: torch.Tensor, state: DecodingState) -> torch.Tensor:
+        """One decoding step: input_ids (batch,) continue the sequences in `state`; logits (batch, vocab)."""
+        return self(input_ids[:, None], state=state)[:, 0]
+
     def _layer_scales(self, layer: Block) -> Optional[LayerScales]:
         return self.scales[layer.mixer.layer_idx] if self.scales is not None else None
 

@@ -1,0 +1,227 @@
+"""MambaLM itself: the selective scan against a float64 recurrence, incremental decoding, padding,
+half precision, quantized modes and the recorder call.
+
+Tolerances: the fp32 comparisons between two ways of computing the same thing (step by step vs.
+the whole sequence, padded vs. unpadded rows) differ only in reduction order and blocking of the
+matrix products, a few float32 ulps per op; they use the same scale-free metric as
+test_loading.py, max|a-b|/max|b| < 1e-5 (about 100 ulps of the largest value).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from helpers_models import TOKENIZER_VOCAB, make_checkpoint  # noqa: E402
+from lm_eval_floatsim.loading import load_pretrained  # noqa: E402
+from lm_eval_floatsim.mamba import MambaConfig, MambaLM  # noqa: E402
+from lm_eval_floatsim.quant import LayerScales, QuantSpec  # noqa: E402
+from lm_eval_floatsim.selective_scan import selective_scan  # noqa: E402
+
+PARITY = 1e-5
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.double() - reference.double()).abs().max() / reference.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder, _ = make_checkpoint(tmp_path_factory.mktemp("ckpt"), "mamba_ssm", num_hidden_layers=3, seed=5)
+    return load_pretrained(folder)
+
+
+def random_ids(batch: int, length: int, seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, TOKENIZER_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- the selective scan ----------------------------------------------------------------------------
+
+
+def reference_scan(u, delta, A, B, C, D, z, delta_bias, h0):
+    """The recurrence as the Mamba paper writes it, one position at a time, in float64."""
+    u, delta, A, B, C, D, z, delta_bias = (t.double() for t in (u, delta, A, B, C, D, z, delta_bias))
+    dt = torch.nn.functional.softplus(delta + delta_bias)
+    h = h0.double()
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1) + D * u[:, t])
+    y = torch.stack(ys, dim=1) * z * torch.sigmoid(z)
+    return y, h
+
+
+@pytest.mark.parametrize("batch, length, with_state", [(3, 37, False), (2, 150, True), (1, 1, True)])
+def test_selective_scan_matches_the_float64_recurrence(batch, length, with_state):
+    # 150 positions with batch 2 span several chunks of the scan; length 1 is a decoding step.
+    g = torch.Generator().manual_seed(batch * 1000 + length)
+    d_inner, d_state = 24, 8
+    u, delta, z = (torch.randn(batch, length, d_inner, generator=g) for _ in range(3))
+    B, C = (torch.randn(batch, length, d_state, generator=g) for _ in range(2))
+    A = -torch.exp(torch.randn(d_inner, d_state, generator=g))
+    D, delta_bias = torch.randn(d_inner, generator=g), torch.randn(d_inner, generator=g)
+    h0 = torch.randn(batch, d_inner, d_state, generator=g) if with_state else torch.zeros(batch, d_inner, d_state)
+    expected_y, expected_h = reference_scan(u, delta, A, B, C, D, z, delta_bias, h0)
+    y, h = selective_scan(u, delta, A, B, C, D, z, delta_bias, h0=h0 if with_state else None, return_last_state=True)
+    # fp32 against float64: each output sums d_state products after up to `length` decays; errors
+    # stay at a few ulps of the largest output, far below what a wrong term would cause.
+    assert y.shape == (batch, length, d_inner) and y.dtype == torch.float32
+    assert relative_error(y, expected_y) < PARITY
+    assert relative_error(h, expected_h) < PARITY
+
+
+# --- incremental decoding --------------------------------------------------------------------------
+
+
+def test_step_by_step_forward_with_state_equals_the_full_forward(model):
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        full = model(ids)
+        state = model.allocate_state(2)
+        prefix = model(ids[:, :5], state=state)
+        steps = [model(ids[:, t : t + 1], state=state) for t in range(5, 12)]
+    assert relative_error(torch.cat([prefix, *steps], dim=1), full) < PARITY
+
+
+def test_step_returns_the_next_token_logits(model):
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        full = model(ids)
+        state = model.allocate_state(2)
+        model(ids[:, :5], state=state)
+        logits = model.step(ids[:, 5], state)
+    assert logits.shape == (2, model.config.padded_vocab_size)
+    assert relative_error(logits, full[:, -1]) < PARITY
+
+
+def test_greedy_generation_follows_the_full_forward_argmax(model):
+    prompt = random_ids(2, 7)
+    generated = model.generate(prompt, max_new_tokens=6)
+    assert generated.shape == (2, 13) and torch.equal(generated[:, :7], prompt)
+    with torch.no_grad():
+        full = model(generated)
+    assert torch.equal(generated[:, 7:], full[:, 6:-1].argmax(-1))
+
+
+def test_generation_stops_rows_at_eos(model):
+    prompt = random_ids(2, 4)
+    first = model.generate(prompt, max_new_tokens=1)[:, -1]
+    eos = int(first[0])
+    generated = model.generate(prompt, max_new_tokens=5, eos_token_id=eos)
+    assert (generated[0, 4:] == eos).all()  # row 0 ends at once and is held at eos
+
+
+# --- left padding ----------------------------------------------------------------------------------
+
+
+def left_padded(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    return ids, mask
+
+
+def test_left_padded_rows_equal_unpadded_rows(model):
+    rows = [random_ids(1, 9, seed=3)[0], random_ids(1, 4, seed=4)[0], random_ids(1, 1, seed=5)[0]]
+    ids, mask = left_padded(rows, pad=7)
+    with torch.no_grad():
+        batched = model(ids, mask=mask)
+        for i, row in enumerate(rows):
+            alone = model(row[None])
+            assert relative_error(batched[i, -len(row) :], alone[0]) < PARITY, i
+
+
+def test_left_padded_generation_equals_unpadded_generation(model):
+    rows = [random_ids(1, 8, seed=6)[0], random_ids(1, 3, seed=7)[0]]
+    ids, mask = left_padded(rows)
+    generated = model.generate(ids, max_new_tokens=5, mask=mask)
+    for i, row in enumerate(rows):
+        assert torch.equal(generated[i, ids.shape[1] :], model.generate(row[None], max_new_tokens=5)[0, len(row) :])
+
+
+# --- dtypes and modes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 5e-3), ("bfloat16", 3e-2)])
+def test_half_precision_forward_stays_close_to_float32(tmp_path, dtype, tolerance):
+    # Unit roundoff: float16 2^-11 = 4.9e-4, bfloat16 2^-8 = 3.9e-3. The weights themselves are
+    # rounded once and each of a few dozen ops in sequence rounds again, so logits drift by about
+    # one roundoff: measured 3e-4..5e-4 (float16) and 3e-3..5e-3 (bfloat16) over three seeds; the
+    # bounds leave ~10x margin. A broken half path (wrong cast, overflow, a dropped fp32 parameter)
+    # is off by far more or not finite.
+    folder, _ = make_checkpoint(tmp_path / "ckpt", "transformers", num_hidden_layers=3)
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        full = load_pretrained(folder)(ids)
+        half = load_pretrained(folder, dtype=dtype)(ids)
+    assert half.dtype == getattr(torch, dtype)
+    assert torch.isfinite(half).all()
+    assert relative_error(half, full) < tolerance
+
+
+def layer_scales(model) -> list[LayerScales]:
+    scales = []
+    for layer in model.backbone.layers:
+        conv = layer.mixer.conv1d
+        w, b = conv.weight.abs().max().item() / 127, conv.bias.abs().max().item() / 127
+        scales.append(LayerScales(input=0.05, output=0.02, weight=w, bias=b))
+    return scales
+
+
+@pytest.mark.parametrize("mode", ["int8", "same", "better"])
+def test_quantized_modes_stay_near_fp(model, mode):
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        fp = model.quantize(QuantSpec("fp"), None)(ids)
+        quantized = model.quantize(QuantSpec(mode), layer_scales(model))(ids)
+        model.quantize(QuantSpec("fp"), None)
+    # The quantized Conv1D+SiLU changes the logits (so the mode is in effect) but only by its
+    # quantization error, a small fraction of their range on this well-conditioned model.
+    assert torch.isfinite(quantized).all()
+    assert 0 < relative_error(quantized, fp) < 0.5
+
+
+def test_quantize_requires_one_scale_per_layer(model):
+    from lm_eval_floatsim.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="one entry per layer"):
+        model.quantize(QuantSpec("same"), layer_scales(model)[:-1])
+
+
+class CountingRecorder:
+    """Stands in for recorder.Recorder: records which layer observed what, with which mask."""
+
+    def __init__(self):
+        self.calls = []
+
+    def layer(self, layer_idx, mask):
+        def observe(before, after, codes, clamped):
+            self.calls.append((layer_idx, mask, before.shape, before.dtype))
+
+        return observe
+
+
+def test_each_block_reports_to_the_recorder_once_per_forward(model):
+    recorder = CountingRecorder()
+    ids, mask = left_padded([random_ids(1, 6)[0], random_ids(1, 3)[0]])
+    model.recorder = recorder
+    try:
+        with torch.no_grad():
+            model(ids, mask=mask)
+    finally:
+        model.recorder = None
+    d_inner = model.config.d_inner
+    assert [call[0] for call in recorder.calls] == list(range(model.config.n_layer))
+    assert all(call[1] is mask and call[2] == (2, 6, d_inner) and call[3] == torch.float32 for call in recorder.calls)
+
+
+def test_untied_embeddings_keep_their_own_lm_head():
+    model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=30, tie_embeddings=False))
+    assert model.lm_head.weight is not model.backbone.embedding.weight
+    assert MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=30)).lm_head.weight.shape == (32, 16)
