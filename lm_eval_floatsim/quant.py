@@ -80,7 +80,8 @@ class QuantSpec:
         if self.mode == "better":
             if self.clamp == "none":
                 return None
-            return (INT8_RANGE[0] * self.divisor, INT8_RANGE[1] * self.divisor)
+            # Codes are integers: a fractional divisor keeps the largest whole codes inside the range.
+            return (math.ceil(INT8_RANGE[0] * self.divisor), math.floor(INT8_RANGE[1] * self.divisor))
         return INT8_RANGE
 
 
@@ -150,6 +151,12 @@ def conv_silu(
     receives fp32 tensors of x's shape; before is the fp32 value ahead of output quantization
     (for int8 the emulated kernel's internal y); codes and clamped are None for fp.
     """
+    if x.is_cuda:  # the fused Triton kernel computes the same, where it can run
+        from .kernels import fused_conv_silu
+
+        fused = fused_conv_silu(x, weight, bias, spec, scales, observer, left_context)
+        if fused is not None:
+            return fused
     taps = weight.shape[-1]
     if left_context is None:
         left_context = x.new_zeros(x.shape[0], taps - 1, x.shape[2])
