@@ -93,38 +93,38 @@ def test_fp_gives_the_stock_hf_models_loglikelihoods_and_generations(model_files
 # --- what the statistics cover ------------------------------------------------------------------
 
 
-def test_statistics_count_real_tokens_only_whatever_the_padding(model_files, task_manager, tmp_path):
+def test_statistics_count_real_tokens_only_whatever_the_batching(model_files, task_manager, tmp_path):
     hf_folder, _, scales, _ = model_files
     expected_count = sum(len(inputs) for inputs in lambada_inputs()) * D_INNER
-    found = {}
-    for batch_size in (1, 4):
-        lm = floatsim(hf_folder, tmp_path / str(batch_size), mode="int8", scales=scales, batch_size=batch_size)
-        section = evaluate(lm, task_manager, tasks=["floatsim_lambada"])["config"]["floatsim"]
-        assert [layer["count"] for layer in section["layers"]] == [expected_count] * N_LAYER
-        found[batch_size] = section["layers"]
-    for single, batched in zip(found[1], found[4]):
-        # The same positions, batched differently: fp32 sums of ~10^5 terms in another order.
-        assert batched["max_abs_err"] == pytest.approx(single["max_abs_err"], rel=1e-6)
-        assert batched["mean_abs_err"] == pytest.approx(single["mean_abs_err"], rel=1e-5)
+    runs = {}
+    # 4 and auto (the probe settles on max_batch_size 4) right-pad most batches.
+    for batch_size in (1, 4, "auto"):
+        lm = floatsim(hf_folder, tmp_path / str(batch_size), mode="int8", scales=scales, batch_size=batch_size, max_batch_size=4)
+        results = evaluate(lm, task_manager, tasks=["floatsim_lambada"])
+        section = results["config"]["floatsim"]
+        assert [layer["count"] for layer in section["layers"]] == [expected_count] * N_LAYER, batch_size
+        runs[batch_size] = (lm, results)
+    assert runs["auto"][1]["config"]["batch_sizes"] == [4]  # the probe ran inside the evaluation
+    single = runs[1][1]["config"]["floatsim"]["layers"]
+    for batch_size in (4, "auto"):
+        lm, results = runs[batch_size]
+        for one, batched in zip(single, results["config"]["floatsim"]["layers"]):
+            # The same positions, batched differently: fp32 sums of ~10^5 terms in another order.
+            assert batched["max_abs_err"] == pytest.approx(one["max_abs_err"], rel=1e-6)
+            assert batched["mean_abs_err"] == pytest.approx(one["mean_abs_err"], rel=1e-5)
+        # The snapshot is the first real batch's row 0: the longest request (lm-eval sorts longest
+        # first) whatever the batch size, and not a probe batch.
+        for found, reference in zip(lm.recorder.snapshots(), runs[1][0].recorder.snapshots()):
+            assert found.codes == reference.codes
 
 
-def test_batch_size_probe_neither_arms_nor_feeds_the_recorder(model_files, task_manager, tmp_path):
+def test_batch_size_probe_neither_arms_nor_feeds_the_recorder(model_files, tmp_path):
     hf_folder, _, scales, _ = model_files
     lm = floatsim(hf_folder, tmp_path, mode="same", scales=scales, batch_size="auto", max_batch_size=4)
-    lm._detect_batch_size(requests=[(("a", "b"), list(range(30)), [7, 8])], pos=0)
+    assert lm._detect_batch_size(requests=[(("a", "b"), list(range(30)), [7, 8])], pos=0) == 4
     assert not lm.recorder.armed
     assert torch.count_nonzero(lm.recorder.sums) == 0 and torch.count_nonzero(lm.recorder.maxes) == 0
-
-    results = evaluate(lm, task_manager, tasks=["floatsim_lambada"])
-    assert results["config"]["batch_sizes"] == [4]  # the probe ran inside the evaluation too
-    expected_count = sum(len(inputs) for inputs in lambada_inputs()) * D_INNER
-    assert [layer["count"] for layer in results["config"]["floatsim"]["layers"]] == [expected_count] * N_LAYER
-    # The snapshot batch is the first real one: its row 0 is the longest request (lm-eval sorts
-    # longest first), the same whatever the batch size.
-    single = floatsim(hf_folder, tmp_path / "single", mode="same", scales=scales, batch_size=1)
-    evaluate(single, task_manager, tasks=["floatsim_lambada"])
-    for probed, reference in zip(lm.recorder.snapshots(), single.recorder.snapshots()):
-        assert probed.codes == reference.codes
+    assert lm.model.recorder is lm.recorder  # attached again for the evaluation
 
 
 def test_padding_mask_marks_real_positions():
