@@ -1,7 +1,8 @@
 """The selective scan of a Mamba block: h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = C_t h_t + D u_t.
 
-Two implementations of one function: mamba-ssm's CUDA kernel when it is installed and the call
-allows it (CUDA tensors, no initial state), and a PyTorch scan otherwise. The PyTorch scan
+Implementations of one function, the first that applies: on CUDA the package's Triton kernel
+(kernels/selective_scan_triton.py), else mamba-ssm's kernel when it is installed and the call allows
+it (no initial state); the PyTorch scan everywhere else, which is the reference. The PyTorch scan
 discretizes a chunk of positions at once (large vectorized ops) and runs only the recurrence
 itself position by position, in fp32.
 """
@@ -13,6 +14,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import fused_selective_scan
 
 # Elements of one discretized chunk (positions x batch x channels x d_state): its two buffers
 # (2 x 8 MiB) stay in the last-level cache while the recurrence walks over them; much larger chunks
@@ -48,6 +51,10 @@ def selective_scan(
     delta is before softplus and before its bias. Returns y (batch, length, d_inner) in u's dtype,
     and the last state (fp32) when asked.
     """
+    if u.is_cuda:
+        fused = fused_selective_scan(u, delta, A, B, C, D, z, delta_bias, h0, return_last_state)
+        if fused is not None:
+            return fused
     kernel = mamba_ssm_scan() if u.is_cuda and h0 is None else None
     if kernel is not None:
         out = kernel(
@@ -95,7 +102,8 @@ def scan_torch(u, delta, A, B, C, D, z, delta_bias, h0=None, return_last_state=F
             h = states[t] if h is None else torch.addcmul(states[t], dA[t], h, out=states[t])
         flat = positions * batch
         torch.bmm(states.view(flat, d_inner, d_state), C[span].reshape(flat, d_state, 1), out=y[span].view(flat, d_inner, 1))
-    y = torch.addcmul(y.transpose(0, 1), u, D.float()).mul_(F.silu(z.float()))
+    # Written batch-major (the layout out_proj reads) while y is read time-major.
+    y = torch.addcmul(y.transpose(0, 1), u, D.float(), out=torch.empty_like(u)).mul_(F.silu(z.float()))
     if return_last_state:
         return y.to(out_dtype), h.clone()
     return y.to(out_dtype)

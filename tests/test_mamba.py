@@ -225,3 +225,43 @@ def test_untied_embeddings_keep_their_own_lm_head():
     model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=30, tie_embeddings=False))
     assert model.lm_head.weight is not model.backbone.embedding.weight
     assert MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=30)).lm_head.weight.shape == (32, 16)
+
+
+# --- CUDA: the Triton kernels (or mamba-ssm's) against the CPU reference path ---------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", ["fp", "same"])
+def test_cuda_forward_matches_the_cpu_forward(model, mode):
+    # Same fp32 arithmetic on other kernels (cuBLAS, the fused scan and RMSNorm, exp2-based exp):
+    # a few ulps per op as on CPU, so the same bound applies. TF32 stays off (PyTorch's default for
+    # float32 matrix products), else the products alone would differ by ~1e-3.
+    import copy
+
+    ids, mask = left_padded([random_ids(1, 20)[0], random_ids(1, 13)[0]])
+    scales = None if mode == "fp" else layer_scales(model)
+    gpu = copy.deepcopy(model).cuda().quantize(QuantSpec(mode), scales)
+    cpu = copy.deepcopy(model).quantize(QuantSpec(mode), scales)
+    with torch.no_grad():
+        expected = cpu(ids, mask=mask)
+        got = gpu(ids.cuda(), mask=mask.cuda()).cpu()
+    real = mask.bool()
+    assert relative_error(got[real], expected[real]) < PARITY
+
+
+@cuda_only
+def test_cuda_decoding_with_state_matches_the_full_forward(model):
+    import copy
+
+    gpu = copy.deepcopy(model).cuda()
+    ids = random_ids(2, 12).cuda()
+    with torch.no_grad():
+        full = gpu(ids)
+        state = gpu.allocate_state(2)
+        prefix = gpu(ids[:, :5], state=state)
+        steps = [gpu(ids[:, t : t + 1], state=state) for t in range(5, 12)]
+    assert relative_error(torch.cat([prefix, *steps], dim=1), full) < PARITY
+    generated = gpu.generate(ids[:, :7], max_new_tokens=6).cpu()
+    assert torch.equal(generated, model.generate(ids[:, :7].cpu(), max_new_tokens=6))
