@@ -10,10 +10,10 @@ rm -rf "$out"
 model_args="pretrained=examples/demo/model,calib_data=examples/demo/calib.txt,calib_samples=64,calib_seqlen=128,dump_dir=$out/yzCheckFloatSim"
 
 start=$(date +%s)
-for mode in int8 same better; do
+for mode in int8 same "better,divisor=2025"; do
   echo "== lm_eval --model mamba_floatsim, mode=$mode"
   lm_eval --model mamba_floatsim \
-    --model_args "$model_args,mode=$mode,divisor=2025" \
+    --model_args "$model_args,mode=$mode" \
     --include_path examples/demo/task --tasks demo_lambada \
     --batch_size 32 --output_path "$out/results"
 done
