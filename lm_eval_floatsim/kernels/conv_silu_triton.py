@@ -1,0 +1,358 @@
+"""`quant.conv_silu` as one Triton kernel: input quantization, the causal depthwise conv, SiLU,
+output quantization and the recorder's statistics in a single pass over the activations.
+
+The arithmetic is quant.py's, operation for operation, so that the int8 codes are the CPU
+reference's bit for bit:
+- every product and sum that quant.py rounds separately is rounded separately here (libdevice's
+  mul_rn / add_rn: the compiler may not contract them into an FMA, which would round once);
+- divisions are correctly rounded (div_rn), as torch's are;
+- the int8 kernel's integer accumulation runs in fp32, where it is exact: |acc| <= 4 * 128 * 128
+  < 2**24, and a NaN input poisons its windows as quant._int8_kernel_preactivation does;
+- rounding mirrors quant.round_half_away (trunc and the exact fraction) and quant.round_half_even
+  (rint); clamping keeps NaN, as torch.clamp does. Both are written once, below.
+Only exp is not the CPU's: libdevice's expf and the CPU's may differ in the last bit, which can move
+a code only where y / scale sits within an ulp of a rounding tie.
+
+Scales, code range and rounding come from quant.QuantSpec and quant.LayerScales; scales are
+rounded to fp32 on the host exactly as quant._fp32 rounds them.
+
+Layout: x is channels-last (batch, length, channels) with any strides (a view of in_proj's output),
+the output a new contiguous tensor of x's dtype. Each program takes BLOCK_D channels of GROUP
+chunks of CHUNK positions of one sequence and walks the chunks in step, position by position,
+keeping the last K-1 conv inputs in registers: every input is loaded and quantized once (plus
+K-1 per chunk), and the GROUP rows of a step are loaded together.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # Triton releases that keep libdevice outside the CUDA backend folder
+    from triton.language.extra import libdevice
+
+from .. import quant
+from .. import recorder
+
+# Globals a jitted function reads must be tl.constexpr.
+TAPS = tl.constexpr(4)  # the kernel's conv width (mamba's d_conv); other widths run the PyTorch path
+# Kernel modes: the simulation of `same` and `better` differs only in scale and clamp range.
+MODE_FP, MODE_INT8, MODE_SIM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+MODE_IDS = {"fp": MODE_FP.value, "int8": MODE_INT8.value, "same": MODE_SIM.value, "better": MODE_SIM.value}
+ROUNDING_IDS = {name: index for index, name in enumerate(quant.ROUNDINGS)}
+HALF_AWAY = tl.constexpr(ROUNDING_IDS["half_away"])
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # x <= FLT_MAX: finite (NaN compares false)
+COUNT, SUM_ABS_ERR, SUM_SQ_SIGNAL, SUM_SQ_ERR, CLAMPED, NONFINITE = (
+    tl.constexpr(getattr(recorder, name))
+    for name in ("COUNT", "SUM_ABS_ERR", "SUM_SQ_SIGNAL", "SUM_SQ_ERR", "CLAMPED", "NONFINITE")
+)
+
+
+def conv_silu_triton(x, weight, bias, spec, scales, observer=None, left_context=None, config=None):
+    """`quant.conv_silu` on CUDA, or None where the PyTorch path must run: no CUDA, a conv width
+    other than 4, a quantized mode without scales (the PyTorch path raises the error), or an
+    observer that wants the full tensors (the recorder's snapshot batch, or a plain callable).
+    `config` (BLOCK_D, GROUP, CHUNK, num_warps) overrides the launch heuristic (benchmarks).
+    """
+    if not _can_run(x, weight, spec, scales, observer, left_context):
+        return None
+    return launch_conv_silu(x, weight, bias, spec, scales, observer, left_context, config)
+
+
+def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=None, config=None):
+    """The kernel launch itself, for inputs `conv_silu_triton` accepts (tests run it on the CPU
+    under Triton's interpreter)."""
+    batch, length, channels = x.shape
+    out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_d, group, chunk, warps = config or launch_config(batch, length, channels)
+    params = kernel_parameters(spec, scales)
+    context = left_context if left_context is not None else x  # x: a placeholder never read
+    mask = observer.mask if observer is not None else None
+    stats = observer is not None
+    grid = (triton.cdiv(channels, block_d), triton.cdiv(length, group * chunk), batch)
+    _conv_silu_kernel[grid](
+        x, *x.stride(),
+        context, *context.stride(),
+        weight, *weight.stride(),
+        bias, bias.stride(0),
+        out, *out.stride(),
+        mask if mask is not None else x, *(mask.stride() if mask is not None else (0, 0)),
+        observer.sums if stats else out, observer.maxes if stats else out,
+        length, channels,
+        *params["scalars"],
+        MODE=params["mode"], ROUNDING=params["rounding"], CLAMP=params["clamp"],
+        HAS_CONTEXT=left_context is not None, HAS_MASK=mask is not None, STATS=stats,
+        BLOCK_D=block_d, GROUP=group, CHUNK=chunk,
+        num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def _can_run(x, weight, spec, scales, observer, left_context) -> bool:
+    if not x.is_cuda or x.dim() != 3 or weight.shape[-1] != TAPS.value:
+        return False
+    if spec.quantized and scales is None:
+        return False
+    if left_context is not None and tuple(left_context.shape) != (x.shape[0], TAPS.value - 1, x.shape[2]):
+        return False
+    return observer is None or not getattr(observer, "wants_values", True)
+
+
+def launch_config(batch: int, length: int, channels: int) -> tuple[int, int, int, int]:
+    """(BLOCK_D, GROUP, CHUNK, num_warps): chunks long enough that the K-1 re-read inputs per chunk
+    cost little, and enough programs to fill the GPU. Few distinct values, to bound compilations.
+    """
+    chunk = 1 if length <= 4 else 8 if length <= 64 else 16 if length <= 512 else 32
+    group = min(8, triton.next_power_of_2(triton.cdiv(length, chunk)))
+    return 128, group, chunk, 4
+
+
+@functools.lru_cache(maxsize=4096)
+def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]) -> dict:
+    """The kernel's mode ids and fp32 scalars, all taken from quant.py's definitions:
+    (in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi)."""
+    if not spec.quantized:
+        return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "clamp": False, "scalars": (1.0,) * 5 + (0.0, 0.0)}
+    s_x, s_w, s_b = (_fp32(value) for value in (scales.input, scales.weight, scales.bias))
+    acc_scale = _fp32(np.float32(s_w) * np.float32(s_x))  # quant: fp32(s_w) * fp32(s_x), in fp32
+    code_range = spec.code_range()
+    lo, hi = (_fp32(bound) for bound in code_range) if code_range is not None else (0.0, 0.0)
+    return {
+        "mode": MODE_IDS[spec.mode],
+        "rounding": ROUNDING_IDS[spec.output_rounding],
+        "clamp": code_range is not None,
+        "scalars": (s_x, s_w, s_b, acc_scale, _fp32(spec.effective_scale(scales.output)), lo, hi),
+    }
+
+
+def _fp32(value) -> float:
+    """The fp32 value quant._fp32 makes of `value` (round to nearest even), as an exact Python float."""
+    return float(np.float32(value))
+
+
+# ------------------------------------------------------------------ the arithmetic, written once
+
+
+@triton.jit
+def _round_half_away(t):
+    # quant.round_half_away: trunc and the exact fraction (floor(|t| + 0.5) fails below .5 ties).
+    whole = libdevice.trunc(t)
+    fraction = t - whole
+    step = tl.where(t < 0, -1.0, 1.0)
+    return whole + tl.where(tl.abs(fraction) >= 0.5, step, 0.0)
+
+
+@triton.jit
+def _round(t, ROUNDING: tl.constexpr):
+    if ROUNDING == HALF_AWAY:
+        return _round_half_away(t)
+    else:
+        return libdevice.rint(t)  # quant.round_half_even: torch.round rounds half to even
+
+
+@triton.jit
+def _clamp(t, lo, hi):
+    # torch.clamp keeps NaN; min/max instructions would drop it.
+    return tl.where(t < lo, lo, tl.where(t > hi, hi, t))
+
+
+@triton.jit
+def _operand_codes(t, scale):
+    """quant.quantize_operands: clamp(round_half_away(t / scale), -128, 127)."""
+    return _clamp(_round_half_away(libdevice.div_rn(t, scale)), -128.0, 127.0)
+
+
+@triton.jit
+def _silu(v):
+    """quant.silu: v / (1 + exp(-v))."""
+    return libdevice.div_rn(v, libdevice.add_rn(1.0, libdevice.exp(-v)))
+
+
+@triton.jit
+def _conv_operand(raw, in_scale, MODE: tl.constexpr):
+    """A conv input as the mode sees it: the value (fp), its int8 code (int8), or the code
+    dequantized (same/better)."""
+    value = raw.to(tl.float32)
+    if MODE == MODE_FP:
+        return value
+    elif MODE == MODE_INT8:
+        return _operand_codes(value, in_scale)
+    else:
+        return libdevice.mul_rn(_operand_codes(value, in_scale), in_scale)
+
+
+@triton.jit
+def _tap(sum_so_far, weight, value, MODE: tl.constexpr):
+    # int8: products of codes and their sums are exact integers in fp32 (FMA or not);
+    # otherwise quant.causal_conv's `out + w[k] * window[k]`, rounded twice.
+    if MODE == MODE_INT8:
+        return sum_so_far + weight * value
+    else:
+        return libdevice.add_rn(sum_so_far, libdevice.mul_rn(weight, value))
+
+
+@triton.jit
+def _preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE: tl.constexpr):
+    """The conv over the window x0..x3 (oldest first), taps in order, plus the bias term.
+    int8: v = acc_scale * acc + s_b * Bq (quant._int8_kernel_preactivation)."""
+    if MODE == MODE_INT8:
+        acc = _tap(_tap(_tap(_tap(0.0, w0, x0, MODE), w1, x1, MODE), w2, x2, MODE), w3, x3, MODE)
+        return libdevice.add_rn(libdevice.mul_rn(acc, acc_scale), bias_term)
+    else:
+        return _tap(_tap(_tap(_tap(bias_term, w0, x0, MODE), w1, x1, MODE), w2, x2, MODE), w3, x3, MODE)
+
+
+@triton.jit
+def _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, k: tl.constexpr, weight_scale, MODE: tl.constexpr):
+    w = tl.load(w_ptr + d * sw_d + k * sw_k, mask=d_ok, other=0.0).to(tl.float32)
+    if MODE == MODE_FP:
+        return w
+    elif MODE == MODE_INT8:
+        return _operand_codes(w, weight_scale)
+    else:
+        return libdevice.mul_rn(_operand_codes(w, weight_scale), weight_scale)
+
+
+@triton.jit
+def _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, MODE: tl.constexpr):
+    b = tl.load(b_ptr + d * sb_d, mask=d_ok, other=0.0).to(tl.float32)
+    if MODE == MODE_FP:
+        return b
+    else:
+        return libdevice.mul_rn(_operand_codes(b, bias_scale), bias_scale)
+
+
+# ------------------------------------------------------------------ the kernel
+
+
+@triton.jit
+def _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, t, d, d_ok, length):
+    """x[batch, t, d] for a (GROUP,) vector of positions t >= 0; zeros past the end."""
+    offsets = batch * sx_b + t[:, None].to(tl.int64) * sx_l + d[None, :] * sx_d
+    return tl.load(x_ptr + offsets, mask=(t < length)[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_window_start(
+    x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, batch, t, d, d_ok, length, HAS_CONTEXT: tl.constexpr
+):
+    """Inputs at positions t < chunk start, which may precede the sequence: left context there
+    (the inputs before x), zeros without one."""
+    inside = _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, tl.maximum(t, 0), d, d_ok, length)
+    inside = tl.where((t >= 0)[:, None], inside, 0.0)
+    if HAS_CONTEXT:
+        offsets = batch * sc_b + (t + TAPS - 1)[:, None].to(tl.int64) * sc_l + d[None, :] * sc_d
+        before = tl.load(ctx_ptr + offsets, mask=(t < 0)[:, None] & d_ok[None, :], other=0.0)
+        inside = tl.where((t < 0)[:, None], before, inside)
+    return inside
+
+
+@triton.jit
+def _load_real(mask_ptr, sm_b, sm_l, batch, t, length, HAS_MASK: tl.constexpr):
+    """(GROUP,) whether position t is a real token (mask != 0) inside the sequence."""
+    inside = t < length
+    if HAS_MASK:
+        flags = tl.load(mask_ptr + batch * sm_b + t.to(tl.int64) * sm_l, mask=inside, other=0)
+        return inside & (flags != 0)
+    else:
+        return inside
+
+
+@triton.jit
+def _conv_silu_kernel(
+    x_ptr, sx_b, sx_l, sx_d,
+    ctx_ptr, sc_b, sc_l, sc_d,
+    w_ptr, sw_d, sw_k,
+    b_ptr, sb_d,
+    out_ptr, so_b, so_l, so_d,
+    mask_ptr, sm_b, sm_l,
+    sums_ptr, maxes_ptr,
+    length, channels,
+    in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi,
+    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    batch = tl.program_id(2).to(tl.int64)
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < channels
+    starts = (tl.program_id(1) * GROUP + tl.arange(0, GROUP)) * CHUNK
+
+    w0 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 0, weight_scale, MODE)[None, :]
+    w1 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 1, weight_scale, MODE)[None, :]
+    w2 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 2, weight_scale, MODE)[None, :]
+    w3 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 3, weight_scale, MODE)[None, :]
+    bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, MODE)[None, :]
+
+    x0 = _conv_operand(
+        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, batch, starts - 3, d, d_ok, length, HAS_CONTEXT),
+        in_scale, MODE,
+    )  # fmt: skip
+    x1 = _conv_operand(
+        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, batch, starts - 2, d, d_ok, length, HAS_CONTEXT),
+        in_scale, MODE,
+    )  # fmt: skip
+    x2 = _conv_operand(
+        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, batch, starts - 1, d, d_ok, length, HAS_CONTEXT),
+        in_scale, MODE,
+    )  # fmt: skip
+
+    zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
+    n_valid, sum_abs, sum_signal, sum_sq, n_clamped, n_real, max_err = zeros, zeros, zeros, zeros, zeros, zeros, zeros
+    raw = _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, starts, d, d_ok, length)
+    real = _load_real(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK)
+    for step in range(CHUNK):
+        t = starts + step
+        # Load the next position before computing this one, so that its latency overlaps.
+        ahead = tl.where(step + 1 < CHUNK, t + 1, length)
+        raw_next = _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, ahead, d, d_ok, length)
+        real_next = _load_real(mask_ptr, sm_b, sm_l, batch, ahead, length, HAS_MASK)
+
+        x3 = _conv_operand(raw, in_scale, MODE)
+        before = _silu(_preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE))
+        if MODE == MODE_FP:
+            after = before
+        else:
+            rounded = _round(libdevice.div_rn(before, out_scale), ROUNDING)
+            if CLAMP:
+                codes = _clamp(rounded, lo, hi)
+            else:
+                codes = rounded
+            after = libdevice.mul_rn(codes, out_scale)
+        offsets = batch * so_b + t[:, None].to(tl.int64) * so_l + d[None, :] * so_d
+        tl.store(out_ptr + offsets, after.to(out_ptr.dtype.element_ty), mask=(t < length)[:, None] & d_ok[None, :])
+
+        if STATS:
+            # recorder.LayerObserver's statistics: errors over real positions whose error is finite.
+            error = tl.abs(after - before)
+            in_range = real[:, None] & d_ok[None, :]
+            valid = in_range & (error <= FLT_MAX)
+            n_real += in_range.to(tl.float32)
+            n_valid += valid.to(tl.float32)
+            sum_abs += tl.where(valid, error, 0.0)
+            sum_signal += tl.where(valid, before * before, 0.0)
+            sum_sq += tl.where(valid, error * error, 0.0)
+            max_err = tl.maximum(max_err, tl.where(valid, error, 0.0))
+            if CLAMP:
+                n_clamped += (valid & (codes != rounded)).to(tl.float32)
+
+        x0, x1, x2 = x1, x2, x3
+        raw, real = raw_next, real_next
+
+    if STATS:
+        tl.atomic_add(sums_ptr + COUNT, tl.sum(n_valid.to(tl.float64)))
+        tl.atomic_add(sums_ptr + SUM_ABS_ERR, tl.sum(sum_abs.to(tl.float64)))
+        tl.atomic_add(sums_ptr + SUM_SQ_SIGNAL, tl.sum(sum_signal.to(tl.float64)))
+        tl.atomic_add(sums_ptr + SUM_SQ_ERR, tl.sum(sum_sq.to(tl.float64)))
+        tl.atomic_add(sums_ptr + CLAMPED, tl.sum(n_clamped.to(tl.float64)))
+        tl.atomic_add(sums_ptr + NONFINITE, tl.sum((n_real - n_valid).to(tl.float64)))
+        tl.atomic_max(maxes_ptr, tl.max(max_err))

@@ -1,0 +1,394 @@
+"""The Triton kernels (lm_eval_floatsim.kernels) against the PyTorch reference path on the CPU.
+
+Three layers of tests:
+- always: on CPU tensors the dispatch declines and quant.conv_silu runs its PyTorch path;
+- where Triton is installed: the kernels' logic (indexing, window, left context, masks, statistics)
+  run by Triton's CPU interpreter in a subprocess (TRITON_INTERPRET must be set before Triton is
+  imported), against quant.conv_silu on the CPU;
+- where CUDA is available: the compiled kernels on large random inputs against the CPU reference:
+  int8 codes bit-identical up to libdevice's expf differing from the CPU's in the last bit, the
+  float simulation within SPEC §2's rule, the statistics, the selective scan and the RMSNorm.
+
+The reference of every comparison is the CPU run of the project's PyTorch path, which
+tests/test_quant.py checks against independent integer / float64 references; here the question is
+only whether the kernels compute the same function.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lm_eval_floatsim import kernels
+from lm_eval_floatsim.quant import LayerScales, QuantSpec, conv_silu
+from lm_eval_floatsim.recorder import CLAMPED, COUNT, NONFINITE, SUM_ABS_ERR, SUM_SQ_ERR, SUM_SQ_SIGNAL, Recorder
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available() and HAS_TRITON
+K = 4
+
+SPECS = [
+    QuantSpec("fp"),
+    QuantSpec("int8"),
+    QuantSpec("same"),
+    QuantSpec("same", rounding="half_even"),
+    QuantSpec("better", divisor=2025),
+    QuantSpec("better", divisor=2025, clamp="none"),
+    QuantSpec("better", divisor=2.5, rounding="half_even"),
+]
+
+
+# ------------------------------------------------------------------ cases
+
+
+def random_case(seed, batch, length, channels, dtype=torch.float32, device="cpu"):
+    """x as the strided x-half of an in_proj output (batch, length, 2*channels), conv weight and
+    bias, and scales calibrated on this x the way SPEC §2 says (absmax / 127; output scale from a
+    high quantile of |y|) so that values exercise rounding, clamping and ties alike."""
+    g = torch.Generator().manual_seed(seed)
+    xz = torch.randn(batch, length, 2 * channels, generator=g) * 2
+    xz[..., :channels] += torch.randn(channels, generator=g)  # per-channel offsets, as real activations have
+    w = torch.randn(channels, K, generator=g) * 0.5
+    b = torch.randn(channels, generator=g) * 0.3
+    x = xz[..., :channels]
+    y = torch.nn.functional.silu(
+        torch.nn.functional.conv1d(x.transpose(1, 2), w[:, None, :], b, padding=K - 1, groups=channels)[..., :length]
+    )
+    scales = LayerScales(
+        input=x.abs().max().item() / 127,
+        output=torch.quantile(y.abs().flatten()[:100_000], 0.999).item() / 127,
+        weight=w.abs().max().item() / 127,
+        bias=b.abs().max().item() / 127,
+    )
+    xz = xz.to(dtype=dtype, device=device)
+    return xz[..., :channels], w.to(device), b.to(device), scales
+
+
+def observed_recorder(device):
+    """A one-layer Recorder past its snapshot batch: observers only accumulate statistics."""
+    recorder = Recorder(1, dump_n=4, device=device)
+    recorder.arm()
+    empty = torch.zeros(1, 1, 1, device=device)
+    recorder.layer(0, None)(empty, empty, empty, torch.zeros_like(empty, dtype=torch.bool))
+    recorder.sums.zero_()
+    recorder.maxes.zero_()
+    return recorder
+
+
+def reference(x, w, b, spec, scales, left_context=None):
+    """quant.conv_silu's PyTorch path on the CPU: the output, and what its observer saw
+    (before, after, codes, clamped)."""
+    seen = []
+    cpu = lambda t: None if t is None else t.cpu()
+    out = conv_silu(cpu(x), cpu(w), cpu(b), spec, scales, lambda *values: seen.extend(values), cpu(left_context))
+    return out, SimpleNamespace(**dict(zip(("before", "after", "codes", "clamped"), seen)))
+
+
+def expected_statistics(seen, out, mask):
+    """The recorder's statistics of the reference's `before` against the kernel's output: where a
+    code differs at a near-tie, so does the error, and the comparison should not count that."""
+    recorder = observed_recorder("cpu")
+    after = seen.before if seen.codes is None else out.cpu().float()  # fp: after is before
+    recorder.layer(0, None if mask is None else mask.cpu())(seen.before, after, seen.codes, seen.clamped)
+    return recorder
+
+
+def codes_of(out, spec, scales):
+    """Output codes recovered from the dequantized output (exact: code * s_eff is one rounding)."""
+    return torch.round(out.double() / np.float32(spec.effective_scale(scales.output)))
+
+
+def near_ties(before, spec, scales, ulps=4):
+    """Where the code may legitimately differ: y / s_eff within `ulps` ulps of y (libdevice's expf
+    and the CPU's are each within ~2 ulp; SiLU's add and divide keep that) of a rounding tie."""
+    scale = np.float64(np.float32(spec.effective_scale(scales.output)))
+    y = before.float().numpy()
+    q = np.abs(y.astype(np.float64) / scale)
+    slack = ulps * np.spacing(np.abs(y)).astype(np.float64) / scale + np.spacing(q.astype(np.float32))
+    return np.abs(q - np.floor(q) - 0.5) <= slack
+
+
+def assert_codes_match(out, expected, before, spec, scales):
+    """Codes equal to the reference's except, by at most 1, at near-ties (see near_ties); fp
+    outputs equal up to exp's last bits. Returns the number of differing codes."""
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    out, expected = out.cpu(), expected.cpu()
+    if not spec.quantized:
+        torch.testing.assert_close(out.float(), expected.float(), rtol=4e-7, atol=1e-7)  # 2-4 ulp: exp
+        return 0
+    got, want = codes_of(out, spec, scales), codes_of(expected, spec, scales)
+    differ = (got != want).numpy()
+    assert (got - want).abs().max().item() <= 1
+    assert not (differ & ~near_ties(before, spec, scales)).any(), "codes differ away from a rounding tie"
+    return int(differ.sum())
+
+
+def assert_same_statistics(recorder, expected, expected_out):
+    """Counts are exact. Signal energy: fp32 partials summed in different orders (pairwise on the
+    CPU, per lane and per program in the kernel): relative differences ~1e-7, 1e-5 leaves room.
+    Error sums: `before` may also differ in its last bit (exp), which moves an error by ~1e-7 of
+    the value; with `better`'s fine scale errors are ~1e-6 of the value, so each such position's
+    error moves by up to ~10%, and a run's sums by up to ~1e-3 (seen: 1.3e-4): 5e-3. The largest
+    error moves by at most the ulps exp moves `before` by."""
+    got, want = recorder.sums[0].cpu(), expected.sums[0]
+    for column in (COUNT, CLAMPED, NONFINITE):
+        assert got[column] == want[column], (column, got, want)
+    assert got[SUM_SQ_SIGNAL].item() == pytest.approx(want[SUM_SQ_SIGNAL].item(), rel=1e-5)
+    for column in (SUM_ABS_ERR, SUM_SQ_ERR):
+        assert got[column].item() == pytest.approx(want[column].item(), rel=5e-3, abs=1e-30), column
+    ulp = np.spacing(np.float32(expected_out.float().abs().max().item()))
+    assert recorder.maxes[0].cpu().item() == pytest.approx(expected.maxes[0].item(), rel=1e-6, abs=4 * ulp)
+
+
+def scan_case(seed, batch, length, channels, d_state, h0=False, device="cpu"):
+    """Inputs of the scan in the layouts a block makes: z a view of in_proj's output, B and C
+    views of x_proj's, delta before softplus and bias."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g)
+    xz = rand(batch, length, 2 * channels)
+    x_proj = rand(batch, length, 8 + 2 * d_state)
+    case = dict(
+        u=rand(batch, length, channels),
+        delta=rand(batch, length, channels) - 1,
+        A=-torch.exp(rand(channels, d_state) * 0.5),
+        B=x_proj[..., 8 : 8 + d_state],
+        C=x_proj[..., 8 + d_state :],
+        D=rand(channels),
+        z=xz[..., channels:],
+        delta_bias=rand(channels) * 0.5,
+        h0=rand(batch, channels, d_state) if h0 else None,
+    )
+    return {name: None if t is None else t.to(device) for name, t in case.items()}
+
+
+def scan_reference(u, delta, A, B, C, D, z, delta_bias, h0=None):
+    """The scan's definition (selective_scan.py's docstring), position by position in float64."""
+    u, delta, A, B, C, D, z, delta_bias = (t.double().cpu() for t in (u, delta, A, B, C, D, z, delta_bias))
+    dt = torch.nn.functional.softplus(delta + delta_bias)
+    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float64) if h0 is None else h0.double().cpu()
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1) + D * u[:, t])
+    y = torch.stack(ys, dim=1) * torch.nn.functional.silu(z)
+    return y, h
+
+
+def assert_scan_matches(out, expected, rtol=1e-4):
+    """fp32 with exp2 of ~2 ulp, over a few hundred positions whose state decays: relative errors
+    ~1e-6 of the output's scale; rtol 1e-4 of the largest value leaves room."""
+    (y, last), (y_ref, last_ref) = out, expected
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y.cpu().double(), y_ref, rtol=0, atol=rtol * scale)
+    torch.testing.assert_close(last.cpu().double(), last_ref, rtol=0, atol=rtol * last_ref.abs().max().item())
+
+
+def assert_rms_norm_matches(out, x, weight, eps):
+    """mamba.RMSNorm's formula in float64; the output is rounded to weight's dtype twice (normed,
+    then the product), so 2 ulp of that dtype plus fp32's share."""
+    x64 = x.double().cpu()
+    expected = weight.double().cpu() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    ulp = torch.finfo(weight.dtype).eps
+    assert out.dtype == weight.dtype and out.shape == x.shape
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=2 * ulp + 1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ always
+
+
+def test_cpu_tensors_take_the_pytorch_path():
+    x, w, b, scales = random_case(0, 2, 16, 8)
+    assert kernels.fused_conv_silu(x, w, b, QuantSpec("int8"), scales) is None
+    assert kernels.fused_selective_scan(x, x, -torch.ones(8, 16), x, x, w[:, 0], x, b) is None
+    assert kernels.fused_rms_norm(x, b, 1e-5) is None
+
+
+# ------------------------------------------------------------------ Triton's interpreter (CPU)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernel_logic_under_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run(
+        [sys.executable, __file__, "interpret"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "interpreted checks passed" in result.stdout
+
+
+def _interpreter_libdevice():
+    """libdevice's functions as the interpreter can run them (it runs only triton.language's):
+    numpy's fp32 operations round every step and divide correctly, as libdevice's *_rn do."""
+    import triton.language as tl
+
+    magic = 2.0**23  # adding and removing it rounds |t| < 2**23 to an integer, ties to even
+
+    def rint(t):
+        shifted = tl.where(t >= 0, (t + magic) - magic, (t - magic) + magic)
+        return tl.where(tl.abs(t) < magic, shifted, t)
+
+    return SimpleNamespace(
+        trunc=lambda t: tl.where(t < 0, tl.ceil(t), tl.floor(t)),
+        rint=rint,
+        exp=lambda t: tl.exp(t),
+        div_rn=lambda a, b: a / b,
+        mul_rn=lambda a, b: a * b,
+        add_rn=lambda a, b: a + b,
+        log1p=lambda t: tl.log(1.0 + t),
+    )
+
+
+def _let_the_interpreter_loop_to_a_runtime_bound():
+    """Triton 3.6's interpreter turns a scalar argument into a 1-element array, which numpy 2 no
+    longer converts with int(): `range(length)` fails. Take its one element instead."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def _interpreted_checks():
+    from lm_eval_floatsim.kernels import conv_silu_triton as module
+    from lm_eval_floatsim.kernels import selective_scan_triton as scan_module
+
+    module.libdevice = scan_module.libdevice = _interpreter_libdevice()
+    _let_the_interpreter_loop_to_a_runtime_bound()
+    from lm_eval_floatsim.kernels import rms_norm_triton
+
+    x, weight = torch.randn(5, 3, 37), torch.randn(37)
+    assert_rms_norm_matches(rms_norm_triton.launch_rms_norm(x, weight, 1e-5), x, weight, 1e-5)
+    for h0 in (False, True):
+        case = scan_case(2, 2, 19, 40, 4, h0)
+        out = scan_module.launch_selective_scan(**case, return_last_state=True, block_d=16)
+        assert_scan_matches(out, scan_reference(**case))
+    x, w, b, scales = random_case(1, 2, 37, 20)  # lengths and widths that leave partial blocks
+    mask = torch.ones(2, 37, dtype=torch.long)
+    mask[1, :5] = 0  # a left-padded row
+    left = torch.randn(2, K - 1, 20)
+    # (spec, left context, (BLOCK_D, GROUP, CHUNK, num_warps)): every mode once, the window's
+    # edges (left context, chunk boundaries, one-position chunks) in a few.
+    cases = [(spec, None, (16, 2, 8, 1)) for spec in SPECS] + [
+        (SPECS[1], left, (32, 4, 4, 1)),
+        (SPECS[5], left, (16, 2, 8, 1)),
+        (SPECS[0], left, (8, 1, 1, 1)),
+        (SPECS[2], None, (8, 1, 1, 1)),
+    ]
+    for spec, context, config in cases:
+        expected, seen = reference(x, w, b, spec, scales, context)
+        recorder = observed_recorder("cpu")
+        out = module.launch_conv_silu(x, w, b, spec, scales, recorder.layer(0, mask), context, config=config)
+        assert_codes_match(out, expected, seen.before, spec, scales)
+        assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+    print("interpreted checks passed")
+
+
+# ------------------------------------------------------------------ compiled kernels (CUDA)
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA and Triton")
+
+
+@cuda_only
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: f"{spec.mode}-{spec.rounding}-{spec.clamp}-{spec.divisor:g}")
+def test_gpu_conv_silu_matches_the_cpu_reference(spec):
+    # fp32 activations, so that the output holds code * s_eff exactly; partial channel blocks,
+    # a left context, a padded row.
+    x, w, b, scales = random_case(2, 3, 300, 1000, device="cuda")
+    left = torch.randn(3, K - 1, 1000, device="cuda")
+    mask = torch.ones(3, 300, dtype=torch.bool, device="cuda")
+    mask[2, :40] = False
+    expected, seen = reference(x, w, b, spec, scales, left)
+    recorder = observed_recorder("cuda")
+    out = kernels.fused_conv_silu(x, w.cuda(), b.cuda(), spec, scales, recorder.layer(0, mask), left)
+    assert out is not None, "the kernel declined"
+    assert_codes_match(out, expected, seen.before, spec, scales)
+    assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", ["int8", "same"])
+def test_gpu_int8_codes_are_the_cpu_reference_codes_on_a_large_input(mode):
+    """fp16 x as a strided view of in_proj's output, 6.3M values: codes differ only where exp's
+    last bit moves y across a tie (printed: the count the docs report)."""
+    spec = QuantSpec(mode)
+    x, w, b, scales = random_case(3, 8, 512, 1536, dtype=torch.float16, device="cuda")
+    expected, seen = reference(x, w, b, spec, scales)
+    out = kernels.fused_conv_silu(x, w.cuda(), b.cuda(), spec, scales)
+    assert out is not None, "the kernel declined"
+    differing = assert_codes_match(out, expected, seen.before, spec, scales)
+    print(f"{mode}: {differing} of {out.numel()} codes differ from the CPU reference")
+    assert differing <= 1e-5 * out.numel()
+
+
+@cuda_only
+def test_gpu_snapshot_batch_runs_the_pytorch_path():
+    x, w, b, scales = random_case(4, 2, 20, 64, device="cuda")
+    recorder = Recorder(1, dump_n=5, device="cuda")
+    recorder.arm()
+    conv_silu(x, w, b, QuantSpec("int8"), scales, recorder.layer(0, None))
+    snapshot = recorder.snapshots()[0]
+    expected, seen = reference(x, w, b, QuantSpec("int8"), scales)
+    assert snapshot.before == seen.before[0].T.flatten()[:5].tolist()
+    assert recorder.sums[0, COUNT].item() == x.numel()
+
+
+@cuda_only
+@pytest.mark.parametrize("h0", [False, True])
+def test_gpu_selective_scan_matches_float64(h0):
+    case = scan_case(5, 3, 300, 200, 16, h0, device="cuda")
+    out = kernels.fused_selective_scan(**case, return_last_state=True)
+    assert_scan_matches(out, scan_reference(**case))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_rms_norm_matches_float64(dtype):
+    x, weight = torch.randn(4, 33, 768, device="cuda").to(dtype), torch.randn(768, device="cuda").to(dtype)
+    assert_rms_norm_matches(kernels.fused_rms_norm(x, weight, 1e-5), x, weight, 1e-5)
+
+
+@cuda_only
+def test_gpu_graphed_forward_replays_the_eager_forward_with_statistics():
+    from lm_eval_floatsim.kernels.fast_path import GraphedForward
+    from lm_eval_floatsim.mamba import MambaConfig, MambaLM
+
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=100)).cuda().eval()
+    model.quantize(QuantSpec("int8"), [LayerScales(0.05, 0.02, 0.01, 0.01)] * 2)
+    ids = torch.randint(0, 100, (4, 33), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        model.recorder = eager_recorder = observed_recorder_for(model)
+        expected = [model(ids, mask=mask).clone() for _ in range(3)]
+        model.recorder = graph_recorder = observed_recorder_for(model)
+        graphed = GraphedForward(model, capture_after=1)
+        got = [graphed(ids, mask).clone() for _ in range(3)]
+    for logits, want in zip(got, expected):
+        assert torch.equal(logits, want)
+    torch.testing.assert_close(graph_recorder.sums, eager_recorder.sums, rtol=1e-12, atol=0)
+    assert torch.equal(graph_recorder.maxes, eager_recorder.maxes)
+
+
+def observed_recorder_for(model):
+    """A recorder of the model's layers past its snapshot batch (statistics only)."""
+    recorder = Recorder(model.config.n_layer, device="cuda")
+    recorder.arm()
+    for layer in range(model.config.n_layer):
+        recorder.keep_values(layer, None, None, None)
+    return recorder
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["interpret"]:
+    _interpreted_checks()
