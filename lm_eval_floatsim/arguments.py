@@ -211,7 +211,8 @@ def _calibration_data(name: str, value) -> str:
         return str(path)
     if path.is_file():
         raise ArgumentError(name, value, allowed + " (a local file must be .txt or .jsonl)")
-    if looks_like_path(text) and not path.is_dir():
+    dataset = text.split(":", 1)[0]  # a local dataset folder may carry a split: /data/corpus:validation
+    if looks_like_path(dataset) and not Path(dataset).expanduser().is_dir():
         raise ArgumentError(name, value, allowed + " (no such file or folder)")
     parse_dataset_name(text)
     return text

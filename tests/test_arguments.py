@@ -115,6 +115,8 @@ def test_local_folders_hub_ids_and_files(files):
     assert parse_model_args({"pretrained": "gpt2"}).pretrained == "gpt2"
     assert parse_model_args({"pretrained": str(files / "model")}).pretrained == str(files / "model")
     assert parse_model_args({"calib_data": "monology/pile-uncopyrighted:validation"}).calib_data.endswith(":validation")
+    local_dataset_with_split = f"{files / 'model'}:validation"
+    assert parse_model_args({"calib_data": local_dataset_with_split}).calib_data == local_dataset_with_split
 
 
 def test_lm_evals_own_arguments_pass_through(files):
