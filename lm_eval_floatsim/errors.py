@@ -17,4 +17,5 @@ class ArgumentError(FloatSimError, ValueError):
 
 
 class InputError(FloatSimError):
-    """An input file or folder (checkpoint, scales, calibration data, dumps, results) is unusable."""
+    """A file or folder is unusable: an input (checkpoint, scales, calibration data, dumps, results)
+    that is missing or corrupt, or an output (dump_dir, --out) that cannot be written."""
