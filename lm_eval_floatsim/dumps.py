@@ -35,6 +35,7 @@ FIXED_NAMES = {"fp": "fp_reference.json", "int8": "int8_baseline.json", "same": 
 BETTER_NAME = re.compile(r"^floatsim_betterscale_(?P<divisor>[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)\.json$")
 # What the caller knows about the run and the dump records in `config` (None when unknown).
 META_KEYS = ("model", "scales_sha256", "calibration")
+MESSAGE_LIMIT = 300  # characters of a schema problem shown in an error
 
 
 def dump_filename(mode: str, divisor: float = 2025.0) -> str:
@@ -116,6 +117,8 @@ def read_dump(path) -> dict:
         raise InputError(f"{path}: invalid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
     except ValueError as error:
         raise InputError(f"{path}: invalid JSON: {error}") from None
+    except RecursionError:
+        raise InputError(f"{path}: invalid JSON: nested too deeply") from None
     problem = schema_problem(dump)
     if problem:
         raise InputError(f"{path}: not a dump file: {problem}")
@@ -130,7 +133,7 @@ def schema_problem(dump) -> Optional[str]:
     if error is None:
         return None
     where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
-    return f"{where.lstrip('.') or 'top level'}: {error.message}"
+    return _shortened(f"{where.lstrip('.') or 'top level'}: {error.message}")
 
 
 def schema() -> dict:
@@ -142,6 +145,11 @@ def _validator():
     import jsonschema
 
     return jsonschema.Draft202012Validator(schema())
+
+
+def _shortened(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """jsonschema quotes the offending value whole: a list of a million numbers is no message."""
+    return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
 def _reject_constant(name: str):
