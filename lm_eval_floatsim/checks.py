@@ -2,8 +2,9 @@
 
 The files are recognised by name (`dumps.dump_filename`); other files in the folder are ignored.
 Every file is checked on its own (every layer in order, dump_n values, no nulls, the config flags,
-its effective scale, its values on the quantization grid), then the files against each other (one
-output scale per layer, `same` against `int8`, each `better` against `same`).
+its effective scale, its values on the quantization grid, no NaN or infinity counted in the run's
+statistics), then the files against each other (one output scale per layer, `same` against `int8`,
+each `better` against `same`).
 
 How scales compare: within one fp32 ulp. The kernel applies every scale in fp32, so two scales
 that round to the same or to neighbouring fp32 values quantize alike; a file written in fp32
@@ -21,6 +22,7 @@ step), and passes or fails with the size of the scale rather than the quality of
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -79,7 +81,19 @@ class DumpFile:
         return self.mode != "fp"
 
     def layer(self, layer_idx: int) -> Optional[dict]:
-        return next((layer for layer in self.layers if layer["layer_idx"] == layer_idx), None)
+        return self._by_index.get(layer_idx)
+
+    @functools.cached_property
+    def _by_index(self) -> dict:
+        """layer_idx -> the first entry with it (a lookup per layer must not scan the file)."""
+        found = {}
+        for layer in self.layers:
+            found.setdefault(layer["layer_idx"], layer)
+        return found
+
+    def layer_indices(self, n_layer: int) -> set:
+        """The layers 0..n_layer-1 that the file has."""
+        return {index for index in self._by_index if 0 <= index < n_layer}
 
 
 def add_arguments(parser) -> None:
@@ -158,6 +172,8 @@ def check_dumps(files: list[DumpFile]) -> list[CheckResult]:
             check_effective_scale(file),
             check_grid(file),
         ]
+        if any(isinstance(layer.get("stats"), dict) for layer in file.layers):
+            results.append(check_finite_activations(file))
     results += check_shared_scales(files, n_layer)
     by_mode = {file.mode: file for file in files if file.mode != "better"}
     if "same" in by_mode and "int8" in by_mode:
@@ -184,10 +200,13 @@ def check_layer_order(file: DumpFile, n_layer: int) -> CheckResult:
     indices = [layer["layer_idx"] for layer in file.layers]
     if not indices:
         return CheckResult(name, False, "the file has no layers")
-    missing = sorted(set(range(n_layer)) - set(indices))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        return CheckResult(name, False, f"layer {missing[0]} missing{more} of 0..{n_layer - 1}", missing[0])
+    present = file.layer_indices(n_layer)
+    if len(present) < n_layer:
+        # n_layer comes from the files and may be absurd: find the gap without listing 0..n_layer-1
+        first = next(index for index in range(len(present) + 1) if index not in present)
+        missing = n_layer - len(present)
+        more = f" (and {missing - 1} more)" if missing > 1 else ""
+        return CheckResult(name, False, f"layer {first} missing{more} of 0..{n_layer - 1}", first)
     for position, layer_idx in enumerate(indices):
         if layer_idx != position:
             detail = f"layer {position} out of place: position {position} holds layer_idx {layer_idx} (order or repeats)"
@@ -257,8 +276,9 @@ def check_effective_scale(file: DumpFile) -> CheckResult:
     for layer in file.layers:
         effective, output = layer["effective_scale"], layer["output_scale"]
         if _is_number(effective) and _is_number(output) and not scales_match(effective, output / divisor):
-            failures.append((layer["layer_idx"], f"effective_scale {effective!r} != {rule} = {output / divisor!r} "
-                                                 f"(ratio {effective / (output / divisor):.6g})"))
+            expected = output / divisor
+            ratio = f" (ratio {effective / expected:.6g})" if expected else ""
+            failures.append((layer["layer_idx"], f"effective_scale {effective!r} != {rule} = {expected!r}{ratio}"))
     if failures:
         return _first_failure(name, failures)
     return CheckResult(name, True, f"= {rule} in every layer (to 1 fp32 ulp)")
@@ -318,7 +338,12 @@ def _codes(layer: dict) -> list:
     if isinstance(layer.get("codes"), list):
         return layer["codes"]
     scale = layer["effective_scale"]
-    return [round(after / scale) if _is_number(after) else None for after in layer["after_quant"]]
+    return [_nearest_code(after, scale) for after in layer["after_quant"]]
+
+
+def _nearest_code(after, scale) -> Optional[int]:
+    quotient = after / scale if _is_number(after) and _is_number(scale) else math.nan
+    return round(quotient) if math.isfinite(quotient) else None
 
 
 def _code_range(file: DumpFile) -> Optional[tuple[float, float]]:
@@ -326,6 +351,21 @@ def _code_range(file: DumpFile) -> Optional[tuple[float, float]]:
         recorded = file.config["code_range"]
         return None if recorded is None else (recorded[0], recorded[1])
     return QuantSpec(file.mode, divisor=file.divisor or 1.0).code_range()
+
+
+def check_finite_activations(file: DumpFile) -> CheckResult:
+    """The run's statistics count the non-finite (NaN, ±inf) Conv1D+SiLU values over every position;
+    the dumped values show only the first few of them."""
+    name = f"{file.name}: finite activations (stats of the run)"
+    counts = [(layer["layer_idx"], layer["stats"].get("nonfinite")) for layer in file.layers if isinstance(layer.get("stats"), dict)]
+    failures = [(layer_idx, count) for layer_idx, count in counts if _is_number(count) and count > 0]
+    if failures:
+        layer_idx, count = failures[0]
+        total = sum(count for _, count in failures)
+        detail = (f"layer {layer_idx}: {count} non-finite values (NaN or ±inf); "
+                  f"{total} in {len(failures)} of {len(counts)} layers")
+        return CheckResult(name, False, detail, layer_idx)
+    return CheckResult(name, True, f"no NaN or ±inf in {len(counts)} layers")
 
 
 # --- files against each other -----------------------------------------------------------------
@@ -350,7 +390,7 @@ def check_shared_scales(files: list[DumpFile], n_layer: int) -> list[CheckResult
 
 def _check_one_output_scale(files: list[DumpFile], n_layer: int) -> CheckResult:
     name = "all files: one output scale per layer"
-    for layer_idx in range(n_layer):
+    for layer_idx in sorted(set().union(*(file.layer_indices(n_layer) for file in files))):
         seen = [(file.name, layer["output_scale"]) for file in files
                 if (layer := file.layer(layer_idx)) is not None and _is_number(layer["output_scale"])]
         for other_name, other in seen[1:]:
@@ -458,10 +498,8 @@ def _stats_error(layer: dict) -> Optional[float]:
 
 def _layer_pairs(first: DumpFile, second: DumpFile, n_layer: int):
     """(layer_idx, first's entry, second's entry) for every layer both files have."""
-    for layer_idx in range(n_layer):
-        a, b = first.layer(layer_idx), second.layer(layer_idx)
-        if a is not None and b is not None:
-            yield layer_idx, a, b
+    for layer_idx in sorted(first.layer_indices(n_layer) & second.layer_indices(n_layer)):
+        yield layer_idx, first.layer(layer_idx), second.layer(layer_idx)
 
 
 # --- numbers ----------------------------------------------------------------------------------
@@ -477,4 +515,10 @@ def _fp32_product(code, scale) -> np.float32:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number a float can hold (an integer beyond 1.8e308 is not: it cannot be compared as one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
