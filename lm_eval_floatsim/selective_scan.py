@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from .kernels import fused_selective_scan
 
 # Elements of one discretized chunk (positions x batch x channels x d_state): its two buffers
-# (2 x 8 MiB) stay in the last-level cache while the recurrence walks over them; much larger chunks
-# spill to memory and run 3-4x slower on CPU.
-CHUNK_ELEMENTS = 1 << 21
+# (2 x 4 MiB) stay in cache while the recurrence walks over them. Measured on a 2-core AVX-512 CPU
+# (mamba-130m, batch 8 x 128): 2^20 is fastest; 2^21 is 1.2x slower, 2^23 3-5x.
+CHUNK_ELEMENTS = 1 << 20
+LOG2_E = 1.4426950408889634
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,7 +81,7 @@ def scan_torch(u, delta, A, B, C, D, z, delta_bias, h0=None, return_last_state=F
 
     Per chunk of positions, exp(dt A) and dt B u are computed at once; the recurrence then runs
     position by position in place over the dt B u buffer (which becomes the chunk's states, small
-    enough to stay in cache), and one batched product with C reads the outputs off the states.
+    enough to stay in cache), and the outputs are read off the states with C.
     """
     out_dtype = u.dtype
     batch, length, d_inner = u.shape
@@ -89,23 +90,25 @@ def scan_torch(u, delta, A, B, C, D, z, delta_bias, h0=None, return_last_state=F
     dt = _time_major(F.softplus(delta.float() + delta_bias.float()))
     dt_u = dt * _time_major(u)
     B, C = _time_major(B.float()), _time_major(C.float())
-    A = A.float()
+    # exp(dt A) as 2^(dt A log2(e)): CPU's exp2 takes half the time of exp, within an ulp of it.
+    A_log2 = A.float() * LOG2_E
     h = None if h0 is None else h0.float()
     y = u.new_empty(length, batch, d_inner)
     step = max(1, CHUNK_ELEMENTS // (batch * d_inner * d_state))
     for start in range(0, length, step):
         span = slice(start, start + step)
-        positions = dt[span].shape[0]
-        dA = torch.mul(dt[span, :, :, None], A).exp_()
+        dA = torch.mul(dt[span, :, :, None], A_log2).exp2_()
         states = torch.mul(dt_u[span, :, :, None], B[span, :, None, :])
-        for t in range(positions):
-            h = states[t] if h is None else torch.addcmul(states[t], dA[t], h, out=states[t])
-        flat = positions * batch
-        torch.bmm(states.view(flat, d_inner, d_state), C[span].reshape(flat, d_state, 1), out=y[span].view(flat, d_inner, 1))
+        for t in range(states.shape[0]):
+            if h is not None:
+                states[t].addcmul_(dA[t], h)
+            h = states[t]
+        h = h.clone()  # the chunk's states are overwritten with their products with C below
+        torch.sum(states.mul_(C[span, :, None, :]), dim=-1, out=y[span])
     # Written batch-major (the layout out_proj reads) while y is read time-major.
     y = torch.addcmul(y.transpose(0, 1), u, D.float(), out=torch.empty_like(u)).mul_(F.silu(z.float()))
     if return_last_state:
-        return y.to(out_dtype), h.clone()
+        return y.to(out_dtype), h
     return y.to(out_dtype)
 
 

@@ -20,6 +20,7 @@ from helpers_models import TOKENIZER_VOCAB, make_checkpoint  # noqa: E402
 from lm_eval_floatsim.loading import load_pretrained  # noqa: E402
 from lm_eval_floatsim.mamba import MambaConfig, MambaLM  # noqa: E402
 from lm_eval_floatsim.quant import LayerScales, QuantSpec  # noqa: E402
+from lm_eval_floatsim import selective_scan as selective_scan_module  # noqa: E402
 from lm_eval_floatsim.selective_scan import selective_scan  # noqa: E402
 
 PARITY = 1e-5
@@ -56,10 +57,12 @@ def reference_scan(u, delta, A, B, C, D, z, delta_bias, h0):
 
 
 @pytest.mark.parametrize("batch, length, with_state", [(3, 37, False), (2, 150, True), (1, 1, True)])
-def test_selective_scan_matches_the_float64_recurrence(batch, length, with_state):
-    # 150 positions with batch 2 span several chunks of the scan; length 1 is a decoding step.
-    g = torch.Generator().manual_seed(batch * 1000 + length)
+def test_selective_scan_matches_the_float64_recurrence(batch, length, with_state, monkeypatch):
     d_inner, d_state = 24, 8
+    # Chunks of 7 positions: the state must carry across chunk boundaries, also into a short last
+    # chunk (37 = 5 x 7 + 2); length 1 is a decoding step.
+    monkeypatch.setattr(selective_scan_module, "CHUNK_ELEMENTS", 7 * batch * d_inner * d_state)
+    g = torch.Generator().manual_seed(batch * 1000 + length)
     u, delta, z = (torch.randn(batch, length, d_inner, generator=g) for _ in range(3))
     B, C = (torch.randn(batch, length, d_state, generator=g) for _ in range(2))
     A = -torch.exp(torch.randn(d_inner, d_state, generator=g))
