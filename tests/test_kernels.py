@@ -346,9 +346,19 @@ def test_gpu_snapshot_batch_runs_the_pytorch_path():
 @cuda_only
 @pytest.mark.parametrize("h0", [False, True])
 def test_gpu_selective_scan_matches_float64(h0):
+    from lm_eval_floatsim.kernels.selective_scan_triton import launch_selective_scan
+
     case = scan_case(5, 3, 300, 200, 16, h0, device="cuda")
-    out = kernels.fused_selective_scan(**case, return_last_state=True)
-    assert_scan_matches(out, scan_reference(**case))
+    assert_scan_matches(launch_selective_scan(**case, return_last_state=True), scan_reference(**case))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_scan_leaves_grids_too_small_for_the_gpu_to_mamba_ssm():
+    from lm_eval_floatsim.kernels.selective_scan_triton import default_block_d, prefer_mamba_ssm
+
+    programs = lambda batch: batch * -(-1536 // default_block_d(batch, 1536))
+    assert prefer_mamba_ssm(programs(1), 132) and prefer_mamba_ssm(programs(4), 132)
+    assert not prefer_mamba_ssm(programs(8), 132) and not prefer_mamba_ssm(programs(64), 132)
 
 
 @cuda_only

@@ -12,6 +12,8 @@ loading each position's inputs one step ahead. An initial state (decoding) is su
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,12 +28,41 @@ SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch.nn.functional.softplus's defaul
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, h0=None, return_last_state=False, block_d=None):
-    """selective_scan.selective_scan's contract, or None where this kernel does not apply
-    (not CUDA, or a d_state that is not a power of two)."""
+    """selective_scan.selective_scan's contract, or None where this kernel does not apply (not
+    CUDA, a d_state that is not a power of two) or where mamba-ssm's kernel is faster."""
     d_state = A.shape[1]
     if not u.is_cuda or d_state & (d_state - 1) or u.dim() != 3:
         return None
+    batch, _, channels = u.shape
+    block_d = block_d or default_block_d(batch, channels)
+    if h0 is None and _mamba_ssm_installed():
+        programs = batch * triton.cdiv(channels, block_d)
+        if prefer_mamba_ssm(programs, _multiprocessors(u.device.index or 0)):
+            return None
     return launch_selective_scan(u, delta, A, B, C, D, z, delta_bias, h0, return_last_state, block_d)
+
+
+def default_block_d(batch: int, channels: int) -> int:
+    return 32 if batch * channels <= 32 * 1024 else 64
+
+
+def prefer_mamba_ssm(programs: int, multiprocessors: int) -> bool:
+    """Each program walks its sequence position by position; with fewer than two programs per
+    multiprocessor the GPU idles, and mamba-ssm's kernel, parallel over positions too, wins.
+    Measured on an H100 (132 SMs), d_inner 1536, L 2048, this kernel vs mamba-ssm's: batch 64
+    2.18 vs 8.01 ms, batch 8 (384 programs) 1.10 vs 1.05 ms, batch 1 (48 programs) 0.72 vs 0.18 ms."""
+    return programs < 2 * multiprocessors
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _mamba_ssm_installed() -> bool:
+    from ..selective_scan import mamba_ssm_scan
+
+    return mamba_ssm_scan() is not None
 
 
 def launch_selective_scan(u, delta, A, B, C, D, z, delta_bias, h0=None, return_last_state=False, block_d=None):
@@ -39,7 +70,7 @@ def launch_selective_scan(u, delta, A, B, C, D, z, delta_bias, h0=None, return_l
     d_state = A.shape[1]
     y = torch.empty((batch, length, channels), dtype=u.dtype, device=u.device)
     last = torch.empty((batch, channels, d_state), dtype=torch.float32, device=u.device) if return_last_state else y
-    block_d = block_d or (32 if batch * channels <= 32 * 1024 else 64)
+    block_d = block_d or default_block_d(batch, channels)
     init = h0 if h0 is not None else last  # placeholders (never touched) where there is no such state
     grid = (triton.cdiv(channels, block_d), batch)
     _scan_kernel[grid](
