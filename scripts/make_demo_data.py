@@ -1,39 +1,38 @@
 #!/usr/bin/env python
 """Generate the bundled demo's synthetic data (seeded, reproducible, no network).
 
-The demo needs a task on which a tiny Mamba trained on a CPU in minutes reaches a high
-LAMBADA-style accuracy, so that quantizing its Conv1D+SiLU step has something to move.
+The demo needs a task on which a tiny Mamba (24 narrow layers) trained on 2 CPU cores in about
+ten minutes reaches a high LAMBADA-style accuracy, so that quantizing its Conv1D+SiLU step has
+something to move. What such a model learns in a few hundred steps is evidence that is spread
+over the whole passage (what the passage is about), not exact recall of one earlier token
+(copying a name or a fact, tried first, was not learned in that budget). So:
 
-The data: a fixed little world of 40 people. Each person has a gender and four fixed facts:
-a home city, a pet, a job and a favourite colour (drawn once from ``WORLD_SEED``). A passage
-(30-80 words, one per line) tells a short story about one person, the *protagonist*:
+A passage (30-80 words, one per line) tells what a named person (one of 40) did at one of 12
+places (beach, forest, farm, harbor, library, hospital, school, kitchen, garden, mountain,
+market, station):
 
-* an opening sentence that names the protagonist (the first name in the passage);
-* in random order: a sentence stating the protagonist's fact that the passage will ask for
-  (by name or by pronoun, never in a sentence that names anybody else), sometimes sentences
-  stating the protagonist's other facts, 2-5 filler sentences (no fact words in them), and
-  often a sentence about another person that states one of *their* facts (a distractor, very
-  often of the same kind as the one asked for; it always names that other person);
-* a final sentence about the protagonist (by name or pronoun) that contains a cue word
-  (``city``, ``pet``, ``job``/``work``, ``color``) and ends with the asked-for fact, without
-  a final full stop. That last word is the target, as in ``lambada_openai``.
+* an opening sentence naming the person;
+* in random order: 3-5 sentences drawn from that place's pool (sand, waves, shells... for the
+  beach), 1-2 neutral filler sentences, and, in a third of the passages, one sentence from
+  another place's pool (a distractor, always outnumbered);
+* a final sentence from a pool of templates that all fit every place, ending with the place
+  word, without a final full stop: ``... it had been a long day at the beach``.
 
-So the last word is predictable from the context in two ways: it is stated earlier in the
-passage (in-context retrieval, with a same-kind distractor to get wrong) and, since the world
-is fixed, it is a fact about the named protagonist (memorisation). Names are capitalised;
-every other word except sentence starts and city names is lower case.
+The place word itself never appears before the last word, so it cannot be copied: it has to be
+inferred from the context, and the final sentence alone does not determine it (1 in 12). The
+person is referred to by name or pronoun (she/he, her/his) in the other sentences.
 
-Held-out text: each (protagonist, final template) pair is either a training pair or a
-held-out pair (a fixed one in six are held out). Training passages use training pairs only;
-the task and calibration passages use held-out pairs only, so every evaluation passage ends
-with a template never seen with that person in training. The three sets are also disjoint as
-strings. Vocabulary: about 300 words.
+Held-out text: each (place, final template) pair is either a training pair or a held-out pair
+(a fixed one in five is held out). Training passages use training pairs only; the task and
+calibration passages use held-out pairs only, so every evaluation passage ends with a sentence
+never seen after that place's sentences in training. The three sets are also disjoint as
+strings. Vocabulary: 525 words (528 tokens with the special ones).
 
 Outputs (``--out``, default ``examples/demo``):
   train.txt                   training corpus (``--n-train`` passages; not committed, large)
   calib.txt                   600 calibration passages
   task/demo_lambada.jsonl     500 task passages, ``{"text": ...}`` per line
-  model/ (tokenizer files)    word-level tokenizer (tokenizer.json, tokenizer_config.json, ...)
+  model/ (tokenizer files)    word-level tokenizer (tokenizer.json, tokenizer_config.json)
 
 Usage:  python scripts/make_demo_data.py [--out examples/demo] [--n-train 60000]
 """
@@ -47,7 +46,6 @@ import re
 import sys
 from pathlib import Path
 
-WORLD_SEED = 20250611
 TRAIN_SEED = 1
 TASK_SEED = 2
 CALIB_SEED = 3
@@ -62,194 +60,167 @@ FEMALE = ["Anna", "Bella", "Clara", "Diana", "Emma", "Fiona", "Grace", "Hanna", 
 MALE = ["Adam", "Ben", "Carl", "David", "Eric", "Frank", "George", "Henry", "Ivan", "Jack",
         "Karl", "Leo", "Mark", "Nick", "Oscar", "Peter", "Robert", "Sam", "Tom", "Victor"]
 
-RELATIONS = ("city", "pet", "job", "color")
-VALUES = {
-    "city": ["Paris", "Rome", "Oslo", "Cairo", "Lima", "Tokyo", "Dublin", "Madrid", "Berlin",
-             "Vienna", "Prague", "Lisbon"],
-    "pet": ["cat", "dog", "parrot", "rabbit", "hamster", "turtle", "goldfish", "pony", "ferret",
-            "lizard"],
-    "job": ["baker", "doctor", "teacher", "farmer", "pilot", "painter", "nurse", "sailor",
-            "lawyer", "chef", "miner", "tailor"],
-    "color": ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "pink",
-              "brown"],
+# Placeholders: {X} the person's name or pronoun (chosen per sentence), {pro} she/he,
+# {obj} her/him, {pos} her/his, {adj}, {time}. Sentence starts are capitalised afterwards.
+PLACES = {
+    "beach": [
+        "the sand was warm under {pos} feet.", "{X} watched the waves roll in.",
+        "{X} picked up a few shells.", "a gull flew low over the water.",
+        "{X} swam in the cold sea for a while.", "the smell of salt was in the air.",
+        "{X} sat on a towel and read.", "children were building castles of sand.",
+    ],
+    "forest": [
+        "tall trees stood all around {obj}.", "{X} heard an owl somewhere in the trees.",
+        "the path was covered in moss and leaves.", "{X} found mushrooms under an old oak.",
+        "a deer ran across the path.", "{X} followed a narrow trail between the pines.",
+        "the air smelled of wood and rain.", "birds sang high in the branches.",
+    ],
+    "farm": [
+        "the cows were waiting to be milked.", "{X} fed the chickens and the pigs.",
+        "{X} drove the tractor across the field.", "the barn smelled of hay.",
+        "{X} collected eggs from the hens.", "a goat tried to eat {pos} sleeve.",
+        "{X} helped bring in the wheat.", "the sheep stood in the muddy field.",
+    ],
+    "harbor": [
+        "boats were rocking on the water by the pier.", "{X} watched the fishermen unload their nets.",
+        "the ropes of the ships creaked.", "{X} walked along the pier.",
+        "a big ship sounded its horn.", "the smell of fish and diesel filled the air.",
+        "{X} counted the sails in the bay.", "sailors were painting an old boat.",
+    ],
+    "library": [
+        "the shelves were full of old books.", "{X} spoke only in a whisper.",
+        "{X} borrowed three novels.", "the reading room was silent.",
+        "{X} looked for a book about the stars.", "a clerk stamped the cards.",
+        "{X} sat at a long wooden table with a pile of books.", "nobody made a sound among the shelves.",
+    ],
+    "hospital": [
+        "nurses hurried down the white corridor.", "{X} waited for the doctor.",
+        "the room smelled of soap and medicine.", "a patient was resting in the next bed.",
+        "{X} read the chart at the end of the bed.", "an ambulance arrived with its lights on.",
+        "{X} talked quietly with a nurse.", "the doctor listened to {pos} heart.",
+    ],
+    "school": [
+        "the children sat at their desks.", "{X} wrote on the blackboard.",
+        "the bell rang for the break.", "{X} graded a stack of tests.",
+        "pupils ran through the hall.", "{X} read a story to the class.",
+        "the teacher asked a hard question.", "{X} sharpened a box of pencils.",
+    ],
+    "kitchen": [
+        "a pot of soup was boiling on the stove.", "{X} chopped onions and carrots.",
+        "the oven was hot.", "{X} washed the plates in the sink.",
+        "the smell of fresh bread filled the room.", "{X} stirred the sauce with a wooden spoon.",
+        "a kettle whistled.", "{X} set the table for dinner.",
+    ],
+    "garden": [
+        "{X} planted tulips along the fence.", "the roses were in full bloom.",
+        "{X} pulled weeds from the beds.", "bees buzzed around the flowers.",
+        "{X} watered the vegetables.", "the hedge needed cutting.",
+        "{X} raked the leaves from the lawn.", "the apple tree was full of fruit.",
+    ],
+    "mountain": [
+        "the peak was covered in snow.", "{X} climbed a steep rocky path.",
+        "the air was thin and cold up high.", "{X} looked down at the valley far below.",
+        "an eagle circled above the cliffs.", "{X} rested by a small lake between the rocks.",
+        "{X} tightened the straps of {pos} boots before the climb.", "clouds drifted past the summit.",
+    ],
+    "market": [
+        "the stalls were full of fruit and vegetables.", "{X} bargained with a seller.",
+        "a man was shouting prices.", "{X} bought a bag of plums.",
+        "the crowd moved slowly between the stands.", "{X} tasted a piece of cheese.",
+        "a woman sold flowers from a cart.", "{X} paid with a few coins.",
+    ],
+    "station": [
+        "the train was ten minutes late.", "{X} bought a ticket at the window.",
+        "people hurried along the platform.", "{X} checked the big board of departures.",
+        "a voice called out the next train.", "{X} sat on a bench and waited.",
+        "the rails shone in the light.", "a porter carried heavy bags.",
+    ],
 }
-
-# Placeholders: {P} the protagonist's name, {X} name or pronoun (chosen per sentence),
-# {pro} she/he, {obj} her/him, {pos} her/his, {v} the value. Sentence starts are capitalised
-# afterwards.
-FACT_TEMPLATES = {
-    "city": ["{X} lives in {v}.", "{X} has lived in {v} for many years.",
-             "{X} rents a small flat in {v}.", "{X} was born and raised in {v}.",
-             "these days {X} lives in {v}.", "the home of {X} is in {v}."],
-    "pet": ["{X} has a pet {v}.", "{X} owns a {v}.", "{X} takes good care of a little {v}.",
-            "at home, {X} keeps a {v}.", "{X} lives with a {v}.", "{X} once adopted a {v}."],
-    "job": ["{X} works as a {v}.", "{X} is a {v}.", "by trade, {X} is a {v}.",
-            "{X} has been a {v} for ten years.", "{X} earns a living as a {v}.",
-            "{X} trained for years to become a {v}."],
-    "color": ["{X} loves the color {v}.", "{X} likes to wear {v}.",
-              "the favorite color of {X} is {v}.", "{X} always picks {v} if {pro} can.",
-              "{X} thinks {v} is the most beautiful color.", "{X} has always liked {v}."],
-}
-# Clause about the distractor {Q}, used inside DISTRACTOR_TEMPLATES as {clause}.
-DISTRACTOR_CLAUSES = {
-    "city": ["who lives in {v}", "who has a flat in {v}", "who was born in {v}"],
-    "pet": ["who has a pet {v}", "who owns a {v}", "who keeps a {v}"],
-    "job": ["who works as a {v}", "who is a {v}", "who has been a {v} for years"],
-    "color": ["who loves the color {v}", "who likes to wear {v}", "who always picks {v}"],
-}
-DISTRACTOR_TEMPLATES = [
-    "{pos} friend {Q}, {clause}, called {obj}.",
-    "later, {pro} met {Q}, {clause}.",
-    "{Q}, {clause}, sent {obj} a long letter.",
-    "{pro} had lunch with {Q}, {clause}.",
-    "an old friend, {Q}, {clause}, came to visit.",
-    "{pro} waved at {Q}, {clause}.",
-]
 INTRO_TEMPLATES = [
-    "{P} woke up early on a {adj} morning.",
-    "it was a {adj} day, and {P} was in a good mood.",
-    "{P} had a long week.",
-    "one {time}, {P} sat by the window.",
-    "this is a story about {P}.",
-    "{P} came back from a long walk.",
-    "on a {adj} {time}, {P} stayed at home.",
-    "{P} opened the door and looked outside.",
+    "{X} woke up early on a {adj} morning.",
+    "it was a {adj} day, and {X} was in a good mood.",
+    "{X} had a long week behind {obj}.",
+    "one {time}, {X} went out.",
+    "this is a story about {X}.",
+    "{X} had been looking forward to this day.",
+    "on a {adj} {time}, {X} left the house.",
+    "{X} did not want to stay at home.",
 ]
 FILLERS = [
-    "{pro} made a cup of tea.", "{pro} read the news for a while.", "the weather was {adj}.",
-    "{pro} called an old friend.", "{pos} phone rang twice, but {pro} did not answer.",
-    "{pro} cleaned the kitchen and opened the window.", "{pro} ate some bread with cheese.",
-    "outside, the rain did not stop.", "{pro} wrote a short letter.",
-    "{pro} watered the plants.", "for lunch, {pro} had {food}.", "{pro} listened to the radio.",
-    "the streets were quiet.", "{pro} took a short nap.",
-    "{pro} went to the market to buy {food}.", "the neighbors were very loud.",
-    "{pro} found an old photo in a drawer.", "{pro} sang a song while cooking {food}.",
-    "a cold wind was blowing.", "{pro} fixed a broken chair.", "{pro} counted the coins in {pos} pocket.",
-    "the clock on the wall was slow.", "{pro} did not feel like going out.",
-    "{pro} walked to the park and back.", "{pro} smiled for no reason.",
-    "the bus was late again.", "{pro} wrote a list of things to do.",
-    "{pro} looked at the sky for a long time.", "{pos} tea was getting cold.",
-    "{pro} thought about the summer.",
+    "{X} smiled for no reason.", "{X} thought about the summer.",
+    "{pos} phone rang twice, but {pro} did not answer.", "the weather was {adj}.",
+    "{X} did not feel like talking.", "{X} looked at the sky for a long time.",
+    "{X} counted the coins in {pos} pocket.", "{X} wrote a list of things to do.",
+    "the day went by slowly.", "{X} was a little tired.", "{X} hummed an old song.",
+    "time passed quickly.",
 ]
 ADJS = ["cold", "warm", "quiet", "windy", "sunny", "grey", "bright", "rainy"]
-TIMES = ["morning", "evening", "afternoon", "night"]
-FOODS = ["soup", "apples", "rice", "fish", "eggs", "bread", "pasta", "beans"]
-
-FINAL_TEMPLATES = {
-    "city": [
-        "at the end of the day, {X} took the train back to {pos} home city of {v}",
-        "{X} bought a ticket home, back to the city of {v}",
-        "when people ask about {pos} home city, {X} always says {v}",
-        "that night, {X} dreamed of the lights of {pos} home city, {v}",
-        "after the trip, {X} was happy to return to {pos} city, {v}",
-        "there is no city {X} loves more than {v}",
-    ],
-    "pet": [
-        "before bed, {X} fed {pos} pet, a {v}",
-        "{X} spent the evening playing with {pos} pet {v}",
-        "{X} loves {pos} pet more than anything, and it is a small {v}",
-        "{X} bought some food for {pos} pet, a hungry {v}",
-        "on the way home, {X} thought about {pos} pet, a lazy {v}",
-        "everyone in the street knows that the pet of {X} is a {v}",
-    ],
-    "job": [
-        "the next day, {X} went back to {pos} job as a {v}",
-        "at work, everyone knows {X} as a good {v}",
-        "{X} is proud of {pos} job, because {pro} is a {v}",
-        "{X} loves {pos} work as a {v}",
-        "soon {X} will start work again as a {v}",
-        "in {pos} job, {X} is a very careful {v}",
-    ],
-    "color": [
-        "{X} painted the walls of {pos} room in {pos} favorite color, {v}",
-        "for {pos} birthday, {X} asked for a coat in {pos} favorite color, {v}",
-        "the color that {X} likes best is {v}",
-        "{X} bought flowers in {pos} favorite color, {v}",
-        "{X} wore a scarf in the color {pro} likes most, {v}",
-        "of every color in the shop, {X} chose {v}",
-    ],
-}
-HOLDOUT_EVERY = 6  # one in six (person, final template) pairs is held out of training
+TIMES = ["morning", "evening", "afternoon"]
+# The final sentence: fits every place, ends with the place word (the target).
+FINAL_TEMPLATES = [
+    "it had been a long day at the {v}",
+    "{X} was glad that {pro} had spent the day at the {v}",
+    "tomorrow, {X} will go back to the {v}",
+    "there is no place {X} likes as much as the {v}",
+    "all of this happened at the {v}",
+    "{X} will always remember that afternoon at the {v}",
+    "when people ask where {pro} was, {X} says {pro} was at the {v}",
+    "nothing is quite like a day at the {v}",
+    "that is why {X} loves going to the {v}",
+    "in the evening, {X} finally left the {v}",
+]
+HOLDOUT_EVERY = 5  # one in five (place, final template) pairs is held out of training
+NAME_P = 0.3  # probability that a sentence about the person names them (else a pronoun)
+DISTRACTOR_P = 0.35  # probability of one sentence from another place's pool
 
 
-def build_world(seed: int = WORLD_SEED) -> dict:
-    """name -> {"gender": "f"/"m", "city": ..., "pet": ..., "job": ..., "color": ...}."""
-    rng = random.Random(seed)
-    world = {}
-    for name in FEMALE + MALE:
-        facts = {rel: rng.choice(VALUES[rel]) for rel in RELATIONS}
-        facts["gender"] = "f" if name in FEMALE else "m"
-        world[name] = facts
-    return world
+def is_heldout(place: str, idx: int) -> bool:
+    """Fixed split of (place, final template) pairs: 1 in HOLDOUT_EVERY is held out.
 
-
-def final_keys() -> list[tuple[str, int]]:
-    return [(rel, i) for rel in RELATIONS for i in range(len(FINAL_TEMPLATES[rel]))]
-
-
-def is_heldout(name: str, rel: str, idx: int) -> bool:
-    """Fixed split of (person, final template) pairs: 1 in HOLDOUT_EVERY is held out.
-
-    Balanced so that every person and every final template has both kinds of pair.
+    Balanced so that every place and every final template has both kinds of pair.
     """
-    names = FEMALE + MALE
-    keys = final_keys()
-    return (names.index(name) + keys.index((rel, idx))) % HOLDOUT_EVERY == 0
+    return (list(PLACES).index(place) + idx) % HOLDOUT_EVERY == 0
 
 
 def _capitalize(sentence: str) -> str:
     return sentence[:1].upper() + sentence[1:]
 
 
-def _fill(template: str, rng: random.Random, who: dict, name: str, use_name: bool,
-          **extra) -> str:
-    pro, obj, pos = ("she", "her", "her") if who["gender"] == "f" else ("he", "him", "his")
-    x = name if use_name else pro
-    return template.format(P=name, X=x, pro=pro, obj=obj, pos=pos,
-                           adj=rng.choice(ADJS), time=rng.choice(TIMES), food=rng.choice(FOODS),
-                           **extra)
+def _fill(template: str, rng: random.Random, name: str, use_name: bool, **extra) -> str:
+    pro, obj, pos = ("she", "her", "her") if name in FEMALE else ("he", "him", "his")
+    return template.format(X=name if use_name else pro, pro=pro, obj=obj, pos=pos,
+                           adj=rng.choice(ADJS), time=rng.choice(TIMES), **extra)
 
 
-def make_passage(rng: random.Random, world: dict, heldout: bool) -> str:
-    names = FEMALE + MALE
+def make_passage(rng: random.Random, heldout: bool) -> str:
+    places = list(PLACES)
     while True:
-        name = rng.choice(names)
-        rel, idx = rng.choice(final_keys())
-        if is_heldout(name, rel, idx) == heldout:
+        place = rng.choice(places)
+        idx = rng.randrange(len(FINAL_TEMPLATES))
+        if is_heldout(place, idx) == heldout:
             break
-    who = world[name]
+    name = rng.choice(FEMALE + MALE)
 
-    intro = _fill(rng.choice(INTRO_TEMPLATES), rng, who, name, True)
-    middle = []
-    # the asked-for fact, by name or pronoun
-    middle.append(_fill(rng.choice(FACT_TEMPLATES[rel]), rng, who, name, rng.random() < 0.5,
-                        v=who[rel]))
-    for other in RELATIONS:
-        if other != rel and rng.random() < 0.3:
-            middle.append(_fill(rng.choice(FACT_TEMPLATES[other]), rng, who, name,
-                                rng.random() < 0.3, v=who[other]))
-    for filler in rng.sample(FILLERS, rng.randint(2, 5)):
-        middle.append(_fill(filler, rng, who, name, False))
-    if rng.random() < 0.7:
-        q = rng.choice([n for n in names if n != name])
-        qrel = rel if rng.random() < 0.7 else rng.choice(RELATIONS)
-        clause = rng.choice(DISTRACTOR_CLAUSES[qrel]).format(v=world[q][qrel])
-        middle.append(_fill(rng.choice(DISTRACTOR_TEMPLATES), rng, who, name, False,
-                            Q=q, clause=clause))
+    intro = _fill(rng.choice(INTRO_TEMPLATES), rng, name, True)
+    middle = [_fill(t, rng, name, rng.random() < NAME_P)
+              for t in rng.sample(PLACES[place], rng.randint(3, 5))]
+    middle += [_fill(t, rng, name, rng.random() < NAME_P)
+               for t in rng.sample(FILLERS, rng.randint(1, 2))]
+    if rng.random() < DISTRACTOR_P:
+        other = rng.choice([p for p in places if p != place])
+        middle.append(_fill(rng.choice(PLACES[other]), rng, name, rng.random() < NAME_P))
     rng.shuffle(middle)
-    final = _fill(FINAL_TEMPLATES[rel][idx], rng, who, name, rng.random() < 0.4, v=who[rel])
+    final = _fill(FINAL_TEMPLATES[idx], rng, name, rng.random() < NAME_P, v=place)
     return " ".join(_capitalize(s) for s in [intro, *middle, final])
 
 
-def generate(n: int, seed: int, heldout: bool, world: dict | None = None,
-             exclude: set | None = None) -> list[str]:
+def generate(n: int, seed: int, heldout: bool, exclude: set | None = None) -> list[str]:
     """``n`` distinct passages of 30-80 words, none of them in ``exclude``."""
-    world = world or build_world()
     rng = random.Random(seed)
     exclude = exclude or set()
     out, seen = [], set()
     while len(out) < n:
-        text = make_passage(rng, world, heldout)
+        text = make_passage(rng, heldout)
         if not MIN_WORDS <= len(text.split(" ")) <= MAX_WORDS:
             continue
         if text in seen or text in exclude:
@@ -260,28 +231,23 @@ def generate(n: int, seed: int, heldout: bool, world: dict | None = None,
 
 
 def make_splits(n_train: int = N_TRAIN) -> dict[str, list[str]]:
-    world = build_world()
-    task = generate(N_TASK, TASK_SEED, heldout=True, world=world)
-    calib = generate(N_CALIB, CALIB_SEED, heldout=True, world=world, exclude=set(task))
+    task = generate(N_TASK, TASK_SEED, heldout=True)
+    calib = generate(N_CALIB, CALIB_SEED, heldout=True, exclude=set(task))
     # training pairs never equal held-out pairs, so train is disjoint from task/calib anyway
-    train = generate(n_train, TRAIN_SEED, heldout=False, world=world)
+    train = generate(n_train, TRAIN_SEED, heldout=False)
     return {"train": train, "task": task, "calib": calib}
 
 
 def all_words() -> list[str]:
     """Every word the generator can write, sorted (the tokenizer's vocabulary, independent of
     how many passages are generated)."""
-    texts = []
-    for group in (FACT_TEMPLATES, DISTRACTOR_CLAUSES, FINAL_TEMPLATES):
-        for templates in group.values():
-            texts += templates
-    texts += DISTRACTOR_TEMPLATES + INTRO_TEMPLATES + FILLERS
+    texts = INTRO_TEMPLATES + FILLERS + FINAL_TEMPLATES
+    for pool in PLACES.values():
+        texts += pool
     texts = [re.sub(r"\{[a-zA-Z]+\}", " ", t) for t in texts]
     texts += [_capitalize(t.strip()) for t in texts]  # sentence-initial forms
-    texts += FEMALE + MALE + ADJS + TIMES + FOODS
+    texts += FEMALE + MALE + ADJS + TIMES + list(PLACES)
     texts += ["she", "he", "her", "him", "his", "She", "He", "Her", "His"]
-    for rel in RELATIONS:
-        texts += VALUES[rel]
     words = set()
     for t in texts:
         words.update(re.findall(r"\w+|[^\w\s]+", t))
@@ -341,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         check_tokenizer(tokenizer, splits["task"] + splits["calib"] + splits["train"][:2000])
         (out / "model").mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(out / "model"))
+        # name the class that every transformers version knows (v5 writes its own backend name)
+        cfg_path = out / "model" / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         print(f"tokenizer: {len(tokenizer)} tokens -> {out / 'model'}")
     n_words = sum(len(t.split(" ")) for t in splits["train"])
     print(f"train: {len(splits['train'])} passages ({n_words} words), calib: {len(splits['calib'])}, "
