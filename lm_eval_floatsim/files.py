@@ -41,7 +41,12 @@ def write_text_atomic(path, text: str) -> Path:
 
 
 def write_json_atomic(path, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    return write_text_atomic(path, json_text(obj))
+
+
+def json_text(obj: Any) -> str:
+    """The text write_json_atomic writes: indented, strict JSON (no NaN), one final newline."""
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
 
 
 def _cannot_write(path: Path, error: OSError, tmp=None) -> InputError:
