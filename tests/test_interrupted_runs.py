@@ -1,0 +1,338 @@
+"""Runs killed with SIGKILL at random moments never leave a partial file, nor spoil an earlier one.
+
+Each kill hits a real run in its own process: the `lm-eval-floatsim dump` command (cli.main), an
+lm-eval evaluation of `mamba_floatsim` saved with `--output_path` (simple_evaluate and
+EvaluationTracker.save_results_aggregated, as the `lm_eval` command runs them), or a writer that
+does nothing but replace one dump file. The processes are forked from a *zygote*, a Python process
+that has imported torch and lm-eval once, so that a run costs a second instead of the ten that an
+interpreter start and lm-eval's imports take; a forked run is otherwise exactly a fresh process.
+
+Kill times are drawn with a seeded RNG, uniformly over the measured duration of a complete run, so
+that they land in every phase: loading, evaluating, writing the dumps, the results, the report.
+After each kill every JSON file in dump_dir and under the output path is whole (a dump passes the
+schema), each file that existed before is byte-identical or was replaced by a whole file of the
+killed run, and new files belong to the killed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+
+from fixtures.floatsim_runs import REPO, TASKS_DIR, make_model, subprocess_env
+from lm_eval_floatsim.calibration import Scales
+from lm_eval_floatsim.dumps import parse_filename, read_dump
+
+SEED = 20251124
+
+# The zygote reads one JSON request per line on stdin: {"jobs": [[job, kwargs], ...], "kill_after":
+# seconds or null, "in_process": bool}. It forks one child per job (or, in_process, runs the one job
+# itself), kills the children kill_after seconds after the start, waits for them and answers one JSON
+# line: {"seconds": wall time, "outcomes": ["exit N" or "killed", ...]}.
+ZYGOTE = r"""
+import contextlib, json, os, signal, sys, time, traceback
+
+import torch
+
+torch.set_num_threads(1)
+import lm_eval_floatsim_autoload  # noqa: F401 (registers mamba_floatsim when lm_eval.models is imported)
+import lm_eval
+import lm_eval.models
+from lm_eval.loggers import EvaluationTracker
+from lm_eval.tasks import TaskManager
+
+from lm_eval_floatsim import cli
+from lm_eval_floatsim.files import write_text_atomic
+
+TASKS = TaskManager(include_path=sys.argv[1], include_defaults=False)
+
+
+def dump(argv):
+    return cli.main(argv)
+
+
+def evaluate(model_args, output_path, limit):
+    tracker = EvaluationTracker(output_path=output_path)
+    results = lm_eval.simple_evaluate(
+        model="mamba_floatsim", model_args=model_args, tasks=["floatsim_lambada"], task_manager=TASKS,
+        limit=limit, bootstrap_iters=0, device="cpu", evaluation_tracker=tracker,
+    )
+    tracker.save_results_aggregated(results=results, samples=None)
+    return 0
+
+
+def write_loop(path, texts):
+    while True:
+        for text in texts:
+            write_text_atomic(path, text)
+
+
+JOBS = {"dump": dump, "evaluate": evaluate, "write_loop": write_loop}
+
+
+def run(job, kwargs):
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return JOBS[job](**kwargs)
+    except BaseException:
+        traceback.print_exc()
+        return 3
+
+
+def fork(job, kwargs):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(run(job, kwargs))
+    return pid
+
+
+def outcome(status):
+    if os.WIFSIGNALED(status):
+        return "killed" if os.WTERMSIG(status) == signal.SIGKILL else f"signal {os.WTERMSIG(status)}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    started = time.monotonic()
+    if request.get("in_process"):
+        [(job, kwargs)] = request["jobs"]
+        outcomes = [f"exit {run(job, kwargs)}"]
+    else:
+        pids = [fork(job, kwargs) for job, kwargs in request["jobs"]]
+        statuses = {}
+        deadline = None if request.get("kill_after") is None else started + request["kill_after"]
+        while len(statuses) < len(pids):
+            for pid in pids:
+                if pid not in statuses:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        statuses[pid] = status
+            if deadline is not None and time.monotonic() >= deadline:
+                for pid in pids:
+                    if pid not in statuses:
+                        os.kill(pid, signal.SIGKILL)
+                        statuses[pid] = os.waitpid(pid, 0)[1]
+            time.sleep(0.001)
+        outcomes = [outcome(statuses[pid]) for pid in pids]
+    print(json.dumps({"seconds": time.monotonic() - started, "outcomes": outcomes}), flush=True)
+"""
+
+
+class Zygote:
+    """The zygote process and its request/answer protocol."""
+
+    def __init__(self, work: Path):
+        env = {**subprocess_env(work), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+        self.log = work / "zygote.log"
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(TASKS_DIR)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=log, env=env, cwd=work, text=True, bufsize=1)
+        self.ready = False  # it imports while the test builds its model
+
+
+    def run(self, jobs: list[tuple[str, dict]], kill_after: float | None = None, in_process: bool = False) -> dict:
+        if not self.ready:
+            assert json.loads(self._answer()) == {"ready": True}
+            self.ready = True
+        request = {"jobs": [[job, {key: _plain(value) for key, value in kwargs.items()}] for job, kwargs in jobs],
+                   "kill_after": kill_after, "in_process": in_process}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        return json.loads(self._answer())
+
+    def _answer(self) -> str:
+        line = self.process.stdout.readline()
+        assert line, f"the zygote died: {self.log.read_text()[-3000:]}"
+        return line
+
+    def close(self) -> None:
+        self.process.kill()  # its children are reaped; an orderly interpreter exit only costs seconds
+        self.process.communicate()
+
+
+def _plain(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("interrupted")
+
+
+@pytest.fixture(scope="module")
+def zygote(work):
+    started = Zygote(work)
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def model_files(work, zygote):
+    return make_model(work / "model")  # built while the zygote starts
+
+
+# --- what the files must be after a kill -------------------------------------------------------------
+
+
+def files_under(*folders: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for folder in folders if folder.exists() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def temp_files(files) -> list[Path]:
+    return [path for path in files if path.name.endswith(".tmp")]
+
+
+def whole(path: Path) -> object:
+    """The content of a file a run writes, read as strictly as its format allows (fails if partial)."""
+    if parse_filename(path.name) is not None:
+        return read_dump(path)
+    if path.name == "scales.json":
+        return Scales.load(path)
+    if path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n"), f"{path} ends mid-line"
+    return text
+
+
+def assert_after_kill(before: dict[Path, bytes], after: dict[Path, bytes], belongs_to_killed_run) -> None:
+    """Files are whole; an old one is unchanged unless replaced by the killed run; new ones are the killed run's."""
+    for path, data in after.items():
+        if path.name.endswith(".tmp"):
+            continue  # a write the kill interrupted: never renamed into place
+        content = whole(path)
+        if before.get(path) != data:
+            assert belongs_to_killed_run(path, content), f"{path} was changed, but not by the killed run"
+    assert set(before) - set(after) == set(), "a file disappeared"
+
+
+# --- the dump command ---------------------------------------------------------------------------------
+
+
+def dump_argv(model_files, dump_dir: Path, text: str) -> list:
+    hf_folder, _, scales, _ = model_files
+    return ["dump", "--pretrained", hf_folder, "--scales", scales, "--text", text, "--dump-dir", dump_dir, "--device", "cpu"]
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_killed_dump_commands_leave_every_file_whole(zygote, model_files, work):
+    dump_dir = work / "dump-command"
+    previous = zygote.run([("dump", {"argv": dump_argv(model_files, dump_dir, "The previous run.")})], in_process=True)
+    assert previous["outcomes"] == ["exit 0"]
+    duration = zygote.run([("dump", {"argv": dump_argv(model_files, dump_dir, "The measured run.")})])["seconds"]
+    rng = random.Random(SEED)
+    outcomes = []
+    for kill in range(12):
+        text = f"Killed run {kill}."
+        before = files_under(dump_dir)
+        outcomes += zygote.run([("dump", {"argv": dump_argv(model_files, dump_dir, text)})],
+                               kill_after=rng.uniform(0, 1.1 * duration))["outcomes"]
+
+        def killed_runs(path, content, text=text):
+            return isinstance(content, dict) and content["config"]["input"]["sha256"] == text_hash(text)
+
+        assert_after_kill(before, files_under(dump_dir), killed_runs)
+    assert set(outcomes) <= {"killed", "exit 0"} and outcomes.count("killed") >= 8, outcomes
+    print(f"dump command: {duration:.2f} s per run, {outcomes.count('killed')} kills, "
+          f"{len(temp_files(files_under(dump_dir)))} interrupted writes")
+
+
+# --- an lm-eval evaluation saved with --output_path ----------------------------------------------------------
+
+
+def evaluation(model_files, dump_dir: Path, output_path: Path, dump_n: int, mode: str = "int8") -> tuple[str, dict]:
+    """dump_n tells the runs apart: it is recorded in the dump, the results and their copies."""
+    hf_folder, _, scales, _ = model_files
+    model_args = f"pretrained={hf_folder},mode={mode},scales={scales},dump_dir={dump_dir},dump_n={dump_n}"
+    return "evaluate", {"model_args": model_args, "output_path": output_path, "limit": 4}
+
+
+def dump_n_of(path: Path, content) -> int | None:
+    """The run a file of the dump folder or of the output path belongs to (by its dump_n)."""
+    if isinstance(content, dict) and "layers" in content:
+        return content["config"]["dump_n"]
+    if path.name.startswith("results_"):  # model_args as given: "pretrained=...,dump_n=7"
+        return int(dict(arg.split("=", 1) for arg in content["config"]["model_args"].split(","))["dump_n"])
+    if path.name == "report.json":
+        return dump_n_of(Path(content["run"]["dump_path"]), read_dump(content["run"]["dump_path"]))
+    return None
+
+
+def test_killed_evaluations_leave_every_file_whole(zygote, model_files, work):
+    dump_dir, output_path = work / "eval-dumps", work / "eval-out"
+    previous = zygote.run([evaluation(model_files, dump_dir, output_path, dump_n=1)], in_process=True)
+    assert previous["outcomes"] == ["exit 0"]
+    previous_files = files_under(dump_dir, output_path)
+    duration = zygote.run([evaluation(model_files, dump_dir, output_path, dump_n=2)])["seconds"]
+    rng = random.Random(SEED + 1)
+    outcomes = []
+    for kill in range(8):
+        dump_n = 3 + kill
+        before = files_under(dump_dir, output_path)
+        outcomes += zygote.run([evaluation(model_files, dump_dir, output_path, dump_n)],
+                               kill_after=rng.uniform(0, 1.1 * duration))["outcomes"]
+
+        def killed_runs(path, content, dump_n=dump_n, before=before):
+            identified = dump_n_of(path, content)
+            if identified is not None:
+                return identified == dump_n
+            return path.parent not in {old.parent for old in before}  # scales.json, report.md: the run's new folder
+
+        assert_after_kill(before, files_under(dump_dir, output_path), killed_runs)
+    after = files_under(dump_dir, output_path)
+    # The previous run's results folder is untouched; only the shared dump file may have moved on.
+    assert {path: data for path, data in previous_files.items() if path.parent != dump_dir} == \
+        {path: after[path] for path in previous_files if path.parent != dump_dir}
+    assert set(outcomes) <= {"killed", "exit 0"} and outcomes.count("killed") >= 5, outcomes
+    print(f"evaluation: {duration:.2f} s per run, {outcomes.count('killed')} kills, {len(temp_files(after))} interrupted writes")
+
+
+# --- a writer killed in the middle of writing -------------------------------------------------------------------
+
+
+def big_dump(source: Path, value: float) -> str:
+    """A real dump with 2,000 values per layer, all equal to `value`."""
+    dump = read_dump(source)
+    dump["config"]["dump_n"] = 2000
+    for layer in dump["layers"]:
+        layer["before_quant"] = layer["after_quant"] = [value] * 2000
+        layer["codes"] = [1] * 2000
+    return json.dumps(dump, indent=2) + "\n"
+
+
+def test_a_writer_killed_while_writing_leaves_the_old_or_the_new_file(zygote, model_files, work):
+    source = work / "dump-command" / "int8_baseline.json"
+    if not source.exists():
+        zygote.run([("dump", {"argv": dump_argv(model_files, source.parent, "The previous run.")})], in_process=True)
+    folder = work / "writer"
+    folder.mkdir()
+    path = folder / "int8_baseline.json"
+    versions = [big_dump(source, 0.5), big_dump(source, 0.25)]
+    path.write_text(versions[0], encoding="utf-8")
+    rng = random.Random(SEED + 2)
+    for _ in range(8):  # the loop does nothing but write: nearly every kill lands inside a write
+        outcome = zygote.run([("write_loop", {"path": path, "texts": versions})], kill_after=rng.uniform(0.2, 0.5))
+        assert outcome["outcomes"] == ["killed"]
+        assert path.read_text(encoding="utf-8") in versions
+        read_dump(path)
+    interrupted = temp_files(files_under(folder))
+    assert interrupted, "no kill landed inside a write: the test did not test what it says"
+    print(f"writer: {len(interrupted)} of 8 kills interrupted a write")
