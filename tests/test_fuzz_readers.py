@@ -199,6 +199,7 @@ def test_read_dump(content):
 @given(content=contents(SCALES), rehash=st.booleans())
 @example(content=json.dumps({**SCALES, "settings": {"percentile": 1e308 * 10}}).encode(), rehash=False)
 @example(content=b'{"format": "lm_eval_floatsim.scales/1", "settings": {"a": 1e999}}', rehash=False)
+@example(content=json.dumps({**SCALES, "layers": [{**SCALES["layers"][0], "input_scale": 10**400}]}).encode(), rehash=True)
 def test_scales_load(content, rehash):
     """rehash: a consistent sha256 after the damage, so that the content checks must catch it."""
     if rehash:
@@ -251,6 +252,10 @@ DAMAGED_FILES = {RESULTS_NAME: RESULTS, f"{RUN_FOLDER}/floatsim_samescale.json":
 
 @FUZZ
 @given(case=st.sampled_from(sorted(DAMAGED_FILES)).flatmap(lambda name: st.tuples(st.just(name), contents(DAMAGED_FILES[name]))))
+@example(case=(RESULTS_NAME, json.dumps({**RESULTS, "results": []}).encode()))
+@example(case=(RESULTS_NAME, json.dumps({**RESULTS, "group_subtasks": {"lambada": True}}).encode()))
+@example(case=(f"{RUN_FOLDER}/floatsim_samescale.json", json.dumps({**SAME_DUMP, "layers": [
+    {**layer, "stats": {**layer["stats"], "max_abs_err": 10**400}} for layer in SAME_DUMP["layers"]]}).encode()))
 def test_compare_command(case):
     """A run laid out as lm-eval and the model leave it, with its results file or its dump damaged."""
     target, damaged = case
