@@ -268,3 +268,18 @@ def test_cuda_decoding_with_state_matches_the_full_forward(model):
     assert relative_error(torch.cat([prefix, *steps], dim=1), full) < PARITY
     generated = gpu.generate(ids[:, :7], max_new_tokens=6).cpu()
     assert torch.equal(generated, model.generate(ids[:, :7].cpu(), max_new_tokens=6))
+
+
+@cuda_only
+def test_cuda_auto_dtype_is_float16_and_close_to_float32(tmp_path):
+    # float16 on the GPU path: same bound as the CPU float16 test above (one roundoff is ~5e-4).
+    folder, _ = make_checkpoint(tmp_path / "ckpt", "transformers", num_hidden_layers=3)
+    ids = random_ids(2, 10)
+    gpu = load_pretrained(folder, dtype="auto", device="cuda")
+    assert gpu.dtype == torch.float16 and gpu.backbone.layers[0].mixer.A_log.dtype == torch.float32
+    with torch.no_grad():
+        expected = load_pretrained(folder)(ids)
+        got = gpu(ids.cuda()).float().cpu()
+    assert torch.isfinite(got).all()
+    assert relative_error(got, expected) < 5e-3
+    assert gpu.generate(ids.cuda(), max_new_tokens=4).shape == (2, 14)
