@@ -296,9 +296,10 @@ def test_compare_on_foreign_or_empty_results_is_one_line(tmp_path):
 # --- through the lm_eval command: the last line says it, no traceback ------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def lm_eval_runs(model_files, small_vocabulary_model, unwritable_dump_dir, tmp_path_factory):
-    """`lm_eval` runs with one bad input each, started together; their output is read in the tests."""
+    """`lm_eval` runs with one bad input each, started before this module's first test and read by
+    its last ones: the interpreter starts and lm-eval's task index take seconds, spent meanwhile."""
     hf_folder, _, scales, _ = model_files
     work = tmp_path_factory.mktemp("lm-eval-runs")
     env = {**subprocess_env(work), "OMP_NUM_THREADS": "1"}

@@ -40,6 +40,7 @@ def positions_reached(length: int) -> int:
 def broken_run(tmp_path_factory):
     """One `same` evaluation with the injection, its results saved the way `lm_eval --output_path` saves them."""
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
 
@@ -60,10 +61,12 @@ def broken_run(tmp_path_factory):
 
     lm.model.backbone.layers[BROKEN_LAYER].mixer.register_forward_pre_hook(inject)
     tracker = EvaluationTracker(output_path=str(work / "out"))
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=["floatsim_lambada"], task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
-        limit=8, bootstrap_iters=0, evaluation_tracker=tracker,
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)  # runs pip: seconds, unchecked here
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=["floatsim_lambada"], task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+            limit=8, bootstrap_iters=0, evaluation_tracker=tracker,
+        )
     tracker.save_results_aggregated(results=results)
     return work, results, row_lengths
 
