@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
-from .calibration import CalibrationSettings, Scales, cached_scales, data_fingerprint
+from .calibration import CalibrationSettings, Scales, cached_scales, data_fingerprint, weights_sha256
 from .errors import ArgumentError, InputError
 from .loading import load_pretrained, load_tokenizer, resolve_dtype
 from .quant import QuantSpec
@@ -57,8 +57,10 @@ def load_model(
 
     model = load_pretrained(pretrained, dtype, device)
     tok = load_tokenizer(pretrained, tokenizer)
+    _check_vocabulary(tok, model, pretrained)
     if chosen is not None:
         _check_layer_count(chosen, model, pretrained)
+        _check_weights(chosen, model, pretrained)
     elif spec.quantized:
         chosen = cached_scales(pretrained, model, tok, settings, progress=progress)
     model.quantize(spec, chosen.layers if chosen is not None else None)
@@ -99,3 +101,33 @@ def _check_layer_count(scales: Scales, model, pretrained: str) -> None:
     if len(scales.layers) != n_layer:
         source = scales.path if scales.path is not None else "the given scales"
         raise InputError(f"{source} has {len(scales.layers)} layers but {pretrained} has {n_layer} blocks")
+
+
+def _check_vocabulary(tokenizer, model, pretrained: str) -> None:
+    """Every id the tokenizer can produce needs an embedding row; otherwise the evaluation would
+    stop with an IndexError at the first such token."""
+    largest_id = max(tokenizer.get_vocab().values(), default=-1)
+    rows = model.config.padded_vocab_size
+    if largest_id >= rows:
+        name = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+        raise InputError(
+            f"tokenizer {name} has token ids up to {largest_id} but {pretrained} has {rows} embedding rows: "
+            "use the model's own tokenizer"
+        )
+
+
+def _check_weights(scales: Scales, model, pretrained: str) -> None:
+    """Scales calibrated on other weights (recorded when they were calibrated here) do not fit this model.
+
+    The fingerprint covers the dtype too: scales calibrated in another dtype are not compared.
+    """
+    recorded = scales.settings.get("weights_sha256")
+    if recorded is None or scales.settings.get("dtype") != str(model.dtype).removeprefix("torch."):
+        return
+    actual = weights_sha256(model)
+    if actual != recorded:
+        source = scales.path if scales.path is not None else "the given scales"
+        raise InputError(
+            f"{source} was calibrated on other weights than {pretrained} "
+            f"(weights_sha256 {recorded[:12]}… in the file, {actual[:12]}… loaded)"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -99,7 +100,7 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
         "percentile": _optional(values, "percentile", _percentile),
         "scales": _optional(values, "scales", _existing_file),
         "dtype": _choice("dtype", values.get("dtype", ModelArgs.dtype), DTYPES),
-        "device": _optional(values, "device", _text),
+        "device": _optional(values, "device", _device),
         "harness": _harness_arguments(values),
     }
     # QuantSpec validates mode, rounding and clamp, with the messages every other entry point gives.
@@ -219,10 +220,33 @@ def _calibration_data(name: str, value) -> str:
 
 
 def _dump_dir(value) -> str:
+    """A folder that exists or can be made, and where files can be created: found out now, not
+    when the dump is written at the end of the evaluation."""
     text = _text("dump_dir", value)
-    if Path(text).expanduser().is_file():
+    path = Path(text).expanduser()
+    if path.is_file():
         raise ArgumentError("dump_dir", value, "a folder (this is a file)")
-    return str(Path(text).expanduser())
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # permission bits do not stop root; trying does
+    except OSError as error:
+        raise ArgumentError("dump_dir", value, f"a folder that can be written ({existing}: {error.strerror})") from None
+    return str(path)
+
+
+def _device(name: str, value) -> str:
+    """cpu, cuda or cuda:N. HFLM silently runs on the CPU for a device it does not know (a typo);
+    a cuda device without a GPU falls back to the CPU as lm-eval's default device does."""
+    import torch
+
+    text = _text(name, value)
+    try:
+        device_type = torch.device(text).type
+    except (RuntimeError, ValueError):
+        device_type = None
+    if device_type not in ("cpu", "cuda"):
+        raise ArgumentError(name, value, "cpu, cuda or cuda:N")
+    return text
 
 
 def _harness_arguments(values: dict[str, Any]) -> dict[str, Any]:

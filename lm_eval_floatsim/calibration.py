@@ -99,11 +99,14 @@ def _local_texts(path: Path) -> Iterator[str]:
     if not path.is_file():
         raise InputError(f"calib_data={str(path)!r}: no such file")
     jsonl = path.suffix.lower() == ".jsonl"
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            yield _jsonl_text(path, line_number, line) if jsonl else line.rstrip("\r\n")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                yield _jsonl_text(path, line_number, line) if jsonl else line.rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise InputError(f"calib_data={str(path)!r}: not UTF-8 text") from None
 
 
 def _jsonl_text(path: Path, line_number: int, line: str) -> str:
@@ -371,13 +374,28 @@ def _content_sha256(content: dict) -> str:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_a_number, parse_float=_finite_float)
     except FileNotFoundError:
         raise InputError(f"scales file {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"scales file {path}: cannot be read ({error})") from None
     except json.JSONDecodeError as error:
         raise InputError(f"scales file {path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    except ValueError as error:  # NaN, 1e999, an integer of thousands of digits
+        raise InputError(f"scales file {path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise InputError(f"scales file {path}: not valid JSON (nested too deeply)") from None
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of a double")
+    return value
 
 
 def _check_layout(path: Path, data) -> None:
@@ -397,10 +415,17 @@ def _check_layout(path: Path, data) -> None:
             fail(f"layers[{position}] is not an object with layer_idx {position}")
         for key in LAYER_KEYS:
             value = entry.get(key)
-            if not (_is_number(value) and math.isfinite(value) and value > 0):
-                fail(f"layers[{position}].{key} must be a positive finite number, got {value!r}")
+            if not _positive_finite(value):
+                fail(f"layers[{position}].{key} must be a positive finite number, got {value!r:.40}")
             if _fp32(value) != value:
                 fail(f"layers[{position}].{key}={value!r} is not an fp32 value")
+
+
+def _positive_finite(value) -> bool:
+    try:
+        return _is_number(value) and math.isfinite(value) and value > 0
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 # --- the cache --------------------------------------------------------------------------------

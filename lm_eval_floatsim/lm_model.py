@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from . import dumps
 from .arguments import parse_model_args
 from .calibration import CalibrationSettings, Scales, cached_scales
 from .errors import FloatSimError
-from .files import write_json_atomic, write_text_atomic
+from .files import json_text, write_text_atomic
 from .quant import QuantSpec
 from .recorder import Recorder
 
@@ -50,6 +51,10 @@ from .recorder import Recorder
 logger = logging.getLogger("lm_eval.models.mamba_floatsim")
 
 MODEL_NAME = "mamba_floatsim"
+# The dumps this process wrote, by the sha256 of their text: a run publishes the dump it wrote, even
+# when another run of its mode (another process, or another model here) has replaced the file in
+# the shared dump_dir since.
+_written_dumps: dict[str, str] = {}
 # Mamba has no position limit; the context lm-eval's own mamba_ssm model uses.
 DEFAULT_MAX_LENGTH = 2048
 
@@ -307,10 +312,13 @@ class FloatSimLM(HFLM):
             "calibration": scales.settings if scales is not None else None,
         }
         dump = dumps.build_dump(self.recorder, self.spec, scales.layers if scales is not None else None, meta)
-        path = write_json_atomic(Path(args.dump_dir) / dumps.dump_filename(self.spec.mode, self.spec.divisor), dump)
+        text = json_text(dump)
+        path = write_text_atomic(Path(args.dump_dir) / dumps.dump_filename(self.spec.mode, self.spec.divisor), text)
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        _written_dumps[digest] = text
         logger.info("mamba_floatsim: wrote %s", path)
         _plugin_hooks().floatsim_dump_written(path=str(path), dump=dump)
-        return results_section(dump, path, scales)
+        return results_section(dump, path, scales, digest)
 
 
 def _launched_data_parallel() -> bool:
@@ -331,7 +339,7 @@ def _start_cpu_process_group() -> None:
     Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
 
 
-def results_section(dump: dict, dump_path: Path, scales: Optional[Scales]) -> dict:
+def results_section(dump: dict, dump_path: Path, scales: Optional[Scales], dump_sha256: Optional[str] = None) -> dict:
     """`results["config"]["floatsim"]`: the run's settings, files and per-layer statistics."""
     config = dump["config"]
     return {
@@ -343,6 +351,7 @@ def results_section(dump: dict, dump_path: Path, scales: Optional[Scales]) -> di
         "scales_file": str(scales.path) if scales is not None and scales.path is not None else None,
         "scales_sha256": config["scales_sha256"],
         "dump_file": str(dump_path),
+        "dump_sha256": dump_sha256,
         "layers": [{"layer_idx": layer["layer_idx"], **layer["stats"]} for layer in dump["layers"]],
     }
 
@@ -421,13 +430,14 @@ def publish_run(results: dict, output_dir=None) -> Path:
     """
     section = results["config"]["floatsim"]
     dump_path = Path(section["dump_file"])
+    dump_text = _written_dumps.get(section.get("dump_sha256")) or dump_path.read_text(encoding="utf-8")
     scales_path = Path(section["scales_file"]) if section["scales_file"] else None
     if output_dir is not None:
-        dump_path = _copy_into(dump_path, Path(output_dir))
+        dump_path = write_text_atomic(Path(output_dir) / dump_path.name, dump_text)
         scales_path = _copy_into(scales_path, Path(output_dir)) if scales_path is not None else None
     run = {
         "results": results,
-        "dump": json.loads(dump_path.read_text(encoding="utf-8")),
+        "dump": json.loads(dump_text),
         "dump_path": str(dump_path),
         "scales": json.loads(scales_path.read_text(encoding="utf-8")) if scales_path is not None else None,
     }

@@ -23,14 +23,57 @@ STAT_KEYS = ("count", "max_abs_err", "mean_abs_err", "sqnr_db", "clamped_fractio
 _DEFAULT_SPEC = QuantSpec()
 # Keys of an lm-eval task entry that are not metrics.
 _NOT_METRICS = {"alias", "name", "sample_len", "sample_count", "samples"}
+# What this module reads of a results file, and the types it relies on (lm-eval writes more).
+_PATH = {"type": ["string", "null"], "pattern": "^[^\\x00]+$"}
+_OPTIONAL_TEXT = {"type": ["string", "null"]}
+RESULTS_SHAPE = {
+    "type": "object",
+    "properties": {
+        "results": {"type": "object", "additionalProperties": {"type": "object"}},
+        "group_subtasks": {"type": "object", "additionalProperties": {"type": ["array", "null"], "items": {"type": "string"}}},
+        "groups": {"type": ["object", "null"]},
+        "higher_is_better": {"type": "object", "additionalProperties": {"type": ["object", "null"]}},
+        "config": {
+            "type": "object",
+            "properties": {
+                "floatsim": {
+                    "type": "object",
+                    "properties": {
+                        "mode": {"type": "string"},
+                        "divisor": {"type": ["number", "null"]},
+                        "rounding": _OPTIONAL_TEXT,
+                        "clamp": _OPTIONAL_TEXT,
+                        "model": _OPTIONAL_TEXT,
+                        "scales_sha256": _OPTIONAL_TEXT,
+                        "dump_file": _PATH,
+                        "scales_file": _PATH,
+                        "layers": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+            },
+        },
+    },
+}
 
 
 def read_json(path, what: str):
     """Parse a JSON file; a missing or corrupt file is an InputError naming it."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # ValueError: bad JSON, a 5000-digit integer
         raise InputError(f"{what} {path} is not readable JSON: {error}") from None
+    except RecursionError:
+        raise InputError(f"{what} {path} is not readable JSON: nested too deeply") from None
+
+
+def _check_shape(path: Path, results: dict) -> None:
+    """A floatsim results file damaged where this module reads it is unusable input, named in one line."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(RESULTS_SHAPE).iter_errors(results))
+    if error is not None:
+        where = ".".join(str(part) for part in error.absolute_path) or "top level"
+        raise InputError(f"results file {path}: {where}: {error.message:.200}")
 
 
 def find_results_files(paths, recursive: bool = True) -> list[Path]:
@@ -87,6 +130,7 @@ def load_run(results_path) -> dict | None:
     section = floatsim_config(results)
     if section is None:
         return None
+    _check_shape(results_path, results)
     dump_path = locate(results_path, section.get("dump_file"))
     if dump_path is None:
         looked = ", ".join(str(p) for p in _candidates(results_path, section.get("dump_file"))) or "nowhere"
@@ -165,9 +209,13 @@ def comparable(a: dict, b: dict) -> bool:
 
 
 def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite float, or None (not a number, NaN, infinite, or an integer beyond any float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        return float(value) if math.isfinite(value) else None
+    except OverflowError:
+        return None
 
 
 def _parent_groups(results: dict) -> dict[str, str]:
@@ -230,7 +278,12 @@ def layer_stats(run: dict) -> list[dict]:
         rows = [{"layer_idx": layer["layer_idx"], **layer["stats"]} for layer in layers]
     else:
         rows = (floatsim_config(run["results"]) or {}).get("layers") or []
-    return [{"layer_idx": row.get("layer_idx"), **{key: row.get(key) for key in STAT_KEYS}} for row in rows]
+    return [{"layer_idx": row.get("layer_idx"), **{key: _stat(row.get(key)) for key in STAT_KEYS}} for row in rows]
+
+
+def _stat(value):
+    """A statistic as recorded (an int stays an int), or None where it is no finite number a float can hold."""
+    return value if _number(value) is not None else None
 
 
 def sqnr_summary(layers: list[dict]) -> dict:
