@@ -96,10 +96,10 @@ def format_divisor(divisor: float) -> str:
 
 
 def round_half_away(t: torch.Tensor) -> torch.Tensor:
-    # floor(|t| + 0.5) is wrong just below .5 ties in fp32; trunc and the exact fraction are not.
+    # floor(|t| + 0.5) is wrong just below .5 ties in fp32. The fraction t - trunc(t) is exact, and
+    # trunc of twice it is +-1 exactly when |fraction| >= 0.5 (0 for inf, whose fraction is NaN).
     whole = torch.trunc(t)
-    fraction = t - whole
-    return whole + torch.where(fraction.abs() >= 0.5, torch.sign(t), torch.zeros_like(t))
+    return whole + torch.trunc(2 * (t - whole)).nan_to_num_(0.0)
 
 
 def round_half_even(t: torch.Tensor) -> torch.Tensor:
