@@ -178,16 +178,16 @@ def _silu(v):
 
 
 @triton.jit
-def _conv_operand(raw, in_scale, MODE: tl.constexpr):
-    """A conv input as the mode sees it: the value (fp), its int8 code (int8), or the code
-    dequantized (same/better)."""
+def _conv_operand(raw, scale, MODE: tl.constexpr):
+    """A conv operand (input or weight) as the mode sees it: the value (fp), its int8 code
+    (int8), or the code dequantized (same/better)."""
     value = raw.to(tl.float32)
     if MODE == MODE_FP:
         return value
     elif MODE == MODE_INT8:
-        return _operand_codes(value, in_scale)
+        return _operand_codes(value, scale)
     else:
-        return libdevice.mul_rn(_operand_codes(value, in_scale), in_scale)
+        return libdevice.mul_rn(_operand_codes(value, scale), scale)
 
 
 @triton.jit
@@ -213,13 +213,8 @@ def _preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE: t
 
 @triton.jit
 def _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, k: tl.constexpr, weight_scale, MODE: tl.constexpr):
-    w = tl.load(w_ptr + d * sw_d + k * sw_k, mask=d_ok, other=0.0).to(tl.float32)
-    if MODE == MODE_FP:
-        return w
-    elif MODE == MODE_INT8:
-        return _operand_codes(w, weight_scale)
-    else:
-        return libdevice.mul_rn(_operand_codes(w, weight_scale), weight_scale)
+    w = tl.load(w_ptr + d * sw_d + k * sw_k, mask=d_ok, other=0.0)
+    return _conv_operand(w, weight_scale, MODE)
 
 
 @triton.jit
