@@ -135,17 +135,13 @@ def build_lm(model_args: dict, config):
     return FloatSimLM.create_from_arg_obj(model_args, extra)
 
 
-def results_file(tracker) -> Path:
-    """Where EvaluationTracker.save_results_aggregated put the results (its own naming rule)."""
-    folder = Path(tracker.output_path) / str(tracker.general_config_tracker.model_name_sanitized)
-    return folder / f"results_{tracker.date_id}.json"
-
-
 def evaluate_all(config, plan) -> list[Path]:
     """Load once, then per (mode, divisor): switch, evaluate, save. Returns the results files in order."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.utils import make_table
+
+    from .lm_model import results_file_of
 
     first_quantized = next(((mode, divisor) for mode, divisor in plan if mode != "fp"), plan[0])
     lm = build_lm(run_model_args(config.model_args, *first_quantized), config)
@@ -163,9 +159,10 @@ def evaluate_all(config, plan) -> list[Path]:
         results["config"]["model"] = MODEL_NAME
         save_results(tracker, results, config.log_samples)
         print(make_table(results))
-        written.append(results_file(tracker))
-        if not written[-1].is_file():
-            raise InputError(f"lm-eval did not save the results of {run_label(mode, divisor)} to {written[-1]}")
+        saved = results_file_of(tracker)
+        if saved is None:
+            raise InputError(f"lm-eval did not save the results of {run_label(mode, divisor)} under {config.output_path}")
+        written.append(saved)
     return written
 
 
