@@ -8,6 +8,8 @@ what differs (like lm-eval's own `mamba_ssm` model):
   right-pads loglikelihood batches (`pad_and_concat`, whose lengths are captured here) and
   left-pads generation batches (their attention mask is passed on);
 - generation is greedy, with the model's recurrent state (`MambaLM.generate`);
+- on CUDA, loglikelihood forwards replay CUDA graphs (`kernels.fast_path.GraphedForward`, lengths
+  padded to four sizes per octave); on the CPU they run as they are;
 - a `Recorder` watches the first real batch and every real position after it. Batch-size
   probing runs without it. After the evaluation, lm-eval asks `get_model_info()`: the dump is
   written then and `results["config"]["floatsim"]` summarizes it. When lm-eval saves its results
@@ -43,6 +45,7 @@ from .arguments import parse_model_args
 from .calibration import CalibrationSettings, Scales, cached_scales
 from .errors import FloatSimError
 from .files import json_text, write_text_atomic
+from .kernels.fast_path import GraphedForward
 from .quant import QuantSpec
 from .recorder import Recorder
 
@@ -114,6 +117,7 @@ class FloatSimLM(HFLM):
             )
         self._model, self.tokenizer, self.scales = loaded
         self._config = loaded.model.config
+        self._forward = GraphedForward(loaded.model)
 
     def _main_process_first(self):
         accelerator = getattr(self, "accelerator", None)
@@ -143,6 +147,7 @@ class FloatSimLM(HFLM):
     def _start_run(self) -> None:
         self.recorder = Recorder(self.model.config.n_layer, self.floatsim_args.dump_n, device=self.device)
         self.model.recorder = self.recorder
+        self._forward.reset()
         self._statistics_closed = False
 
     def _start_run_if_finished(self) -> None:
@@ -211,12 +216,15 @@ class FloatSimLM(HFLM):
         return [results[position] for position in positions]
 
     def _detect_batch_size(self, requests=None, pos: int = 0):
-        # The probe's forwards are not part of the evaluation: no snapshot, no statistics.
+        # The probe's forwards are not part of the evaluation: no snapshot, no statistics, and no
+        # CUDA graphs of batches that only test the memory.
         self.model.recorder = None
+        forward, self._forward = self._forward, self.model
         try:
             return super()._detect_batch_size(requests, pos)
         finally:
             self.model.recorder = self.recorder
+            self._forward = forward
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         with self._capturing_padding():
@@ -263,10 +271,11 @@ class FloatSimLM(HFLM):
             self.model.recorder.arm()  # only the first armed forward is the snapshot batch
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        """Logits of a loglikelihood batch; on CUDA replayed from a CUDA graph (kernels.fast_path)."""
         mask = self._take_padding_mask(inps)
         self._arm_recorder()
         with torch.no_grad():
-            return self.model(inps, mask=mask)
+            return self._forward(inps, mask=mask)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop, **generation_kwargs) -> torch.Tensor:
         """Greedy decoding with the recurrent state; HFLM cuts the text at the stop sequences."""
@@ -289,8 +298,8 @@ class FloatSimLM(HFLM):
         if self._statistics_closed:
             return
         if self.world_size > 1:
-            torch.distributed.all_reduce(self.recorder.sums, op=torch.distributed.ReduceOp.SUM)
-            torch.distributed.all_reduce(self.recorder.maxes, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(self.recorder.partial_sums, op=torch.distributed.ReduceOp.SUM)
+            torch.distributed.all_reduce(self.recorder.partial_maxes, op=torch.distributed.ReduceOp.MAX)
         self._statistics_closed = True
 
     def get_model_info(self) -> dict:

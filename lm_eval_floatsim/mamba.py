@@ -97,16 +97,12 @@ class Mixer(nn.Module):
 
     def forward(self, hidden, spec, scales, observer, mask, state):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        if mask is not None:
-            x = x * mask[..., None].to(x.dtype)
         left_context = state.conv[self.layer_idx] if state is not None else None
         weight = self.conv1d.weight[:, 0, :]
         bias = self.conv1d.bias if self.conv1d.bias is not None else weight.new_zeros(weight.shape[0])
-        u = conv_silu(x, weight, bias, spec, scales, observer, left_context)
+        u = conv_silu(x, weight, bias, spec, scales, observer, left_context, mask)  # padding: u = 0
         if state is not None:
-            state.conv[self.layer_idx] = _last_conv_inputs(left_context, x)
-        if mask is not None:
-            u = u * mask[..., None].to(u.dtype)
+            state.conv[self.layer_idx] = _last_conv_inputs(left_context, x, mask)
 
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)
@@ -122,8 +118,12 @@ class Mixer(nn.Module):
         return self.out_proj(y)
 
 
-def _last_conv_inputs(left_context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _last_conv_inputs(left_context: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The last K-1 conv inputs, padding as zeros (as the conv saw them), for the next step."""
     keep = left_context.shape[1]
+    if mask is not None:
+        tail = min(keep, x.shape[1])
+        x = x[:, -tail:].masked_fill((mask[:, -tail:] == 0).unsqueeze(-1), 0)
     if x.shape[1] >= keep:
         return x[:, -keep:].clone()
     return torch.cat([left_context, x], dim=1)[:, -keep:]
@@ -189,17 +189,26 @@ class MambaLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (batch, length, padded vocab) in the model dtype.
 
-        mask (batch, length; 1 = real token) lets rows be left-padded: padding positions are zeroed
-        before and after the Conv1D+SiLU, so they change neither conv window nor SSM state.
+        mask (batch, length; 1 = real token) lets rows be left-padded: padding positions count as
+        zeros in the Conv1D+SiLU's windows and leave it as zeros, so they change neither conv
+        window nor SSM state.
         """
+        return self.lm_head(self.hidden_states(input_ids, mask, state))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        state: Optional[DecodingState] = None,
+    ) -> torch.Tensor:
+        """The final normed hidden states (batch, length, d_model): the forward without lm_head."""
         residual = self.backbone.embedding(input_ids)
         if self.config.residual_in_fp32:
             residual = residual.float()
         for layer in self.backbone.layers:
             hidden = layer.norm(residual.to(layer.norm.weight.dtype))
             residual = residual + layer.mixer(hidden, self.spec, self._layer_scales(layer), self._observer(layer, mask), mask, state)
-        hidden = self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
-        return self.lm_head(hidden)
+        return self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
 
     def step(self, input_ids: torch.Tensor, state: DecodingState) -> torch.Tensor:
         """One decoding step: input_ids (batch,) continue the sequences in `state`; logits (batch, vocab)."""

@@ -142,11 +142,15 @@ def conv_silu(
     scales: Optional[LayerScales] = None,
     observer: Optional[Observer] = None,
     left_context: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Conv1D+SiLU step of one block in `spec.mode`.
 
     x: (batch, length, channels) in the model dtype; weight: (channels, K); bias: (channels,).
     left_context: (batch, K-1, channels), the inputs before x (zeros when None: a sequence start).
+    mask: (batch, length), 0 at padding: padding inputs count as zeros in every window (whatever
+    they hold, NaN included) and padding outputs are 0, so a left-padded row computes what the
+    unpadded row would.
     Returns the (dequantized) output in x's dtype. `observer(before, after, codes, clamped)`
     receives fp32 tensors of x's shape; before is the fp32 value ahead of output quantization
     (for int8 the emulated kernel's internal y); codes and clamped are None for fp.
@@ -154,9 +158,17 @@ def conv_silu(
     if x.is_cuda:  # the fused Triton kernel computes the same, where it can run
         from .kernels import fused_conv_silu
 
-        fused = fused_conv_silu(x, weight, bias, spec, scales, observer, left_context)
+        fused = fused_conv_silu(x, weight, bias, spec, scales, observer, left_context, mask)
         if fused is not None:
             return fused
+    padding = None if mask is None else (mask == 0).unsqueeze(-1)
+    if padding is not None:
+        x = x.masked_fill(padding, 0)
+    out = _conv_silu_values(x, weight, bias, spec, scales, observer, left_context)
+    return out if padding is None else out.masked_fill_(padding, 0)
+
+
+def _conv_silu_values(x, weight, bias, spec, scales, observer, left_context) -> torch.Tensor:
     taps = weight.shape[-1]
     if left_context is None:
         left_context = x.new_zeros(x.shape[0], taps - 1, x.shape[2])

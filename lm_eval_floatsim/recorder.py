@@ -11,8 +11,8 @@ forward on, over every real (mask == 1) position of every forward, until the end
 
 Statistics stay on the device: an observer never synchronises with the host (no ``.item()``,
 ``bool()``, ``.cpu()``), so the model runs as it would without a recorder. `layer_summaries()` and
-`snapshots()` bring everything to the host once, at the end. Data-parallel runs all-reduce `sums`
-(SUM) and `maxes` (MAX) before calling them.
+`snapshots()` bring everything to the host once, at the end. Data-parallel runs all-reduce
+`partial_sums` (SUM) and `partial_maxes` (MAX) before calling them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ import torch
 # (COUNT of them); NONFINITE counts the real values where either is not.
 COUNT, SUM_ABS_ERR, SUM_SQ_SIGNAL, SUM_SQ_ERR, CLAMPED, NONFINITE = range(6)
 N_SUMS = 6
+# Partial rows per block that add up to its statistics: a GPU kernel's programs spread their
+# atomic adds over them, since hundreds of atomics on one address wait for each other.
+SLOTS = 32
 
 DEFAULT_DUMP_N = 10
 
@@ -45,11 +48,21 @@ class Snapshot:
 class Recorder:
     def __init__(self, n_layer: int, dump_n: int = DEFAULT_DUMP_N, device="cpu"):
         self.n_layer, self.dump_n = n_layer, dump_n
-        self.sums = torch.zeros(n_layer, N_SUMS, dtype=torch.float64, device=device)
-        self.maxes = torch.zeros(n_layer, dtype=torch.float32, device=device)
+        self.partial_sums = torch.zeros(n_layer, SLOTS, N_SUMS, dtype=torch.float64, device=device)
+        self.partial_maxes = torch.zeros(n_layer, SLOTS, dtype=torch.float32, device=device)
         self._values: list[Optional[tuple]] = [None] * n_layer
         self._armed = False
         self._recording = False
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """(n_layer, N_SUMS) float64: the statistics' sums per block (columns COUNT...NONFINITE)."""
+        return self.partial_sums.sum(dim=1)
+
+    @property
+    def maxes(self) -> torch.Tensor:
+        """(n_layer,) float32: the largest finite |after - before| per block."""
+        return self.partial_maxes.amax(dim=1)
 
     def arm(self) -> None:
         """Make the next forward the snapshot batch and start the statistics.
@@ -96,17 +109,17 @@ class Recorder:
 class LayerObserver:
     """Block `index`'s view of the recorder for one forward; `quant.conv_silu` calls it.
 
-    A fused kernel that computes the statistics itself accumulates into `sums` (a view of this
-    block's row, 6 float64) and `maxes` (a view of shape (1,)) directly, over positions where
-    `mask` is 1, and calls the observer only while `wants_values`.
+    A fused kernel that computes the statistics itself accumulates into `sums` (this block's
+    partial rows, (SLOTS, N_SUMS) float64, contiguous) and `maxes` ((SLOTS,) float32) directly,
+    over positions where `mask` is 1, and calls the observer only while `wants_values`.
     """
 
     __slots__ = ("recorder", "index", "mask", "sums", "maxes")
 
     def __init__(self, recorder: Recorder, index: int, mask: Optional[torch.Tensor]):
         self.recorder, self.index, self.mask = recorder, index, mask
-        self.sums = recorder.sums[index]
-        self.maxes = recorder.maxes[index : index + 1]
+        self.sums = recorder.partial_sums[index]
+        self.maxes = recorder.partial_maxes[index]
 
     @property
     def wants_values(self) -> bool:
@@ -148,8 +161,8 @@ class LayerObserver:
                 (real - count).double(),
             ]
         )
-        self.sums += update
-        torch.maximum(self.maxes, error.amax().reshape(1), out=self.maxes)
+        self.sums[0] += update
+        torch.maximum(self.maxes[:1], error.amax().reshape(1), out=self.maxes[:1])
 
 
 def _first_values(dump_n: int, *tensors):

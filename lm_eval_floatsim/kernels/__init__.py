@@ -10,12 +10,12 @@ from __future__ import annotations
 import functools
 
 
-def fused_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=None):
+def fused_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=None, mask=None):
     """`quant.conv_silu` in one fused Triton pass, or None where the PyTorch path must run."""
     module = _kernel_module("conv_silu_triton")
     if module is None:
         return None
-    return module.conv_silu_triton(x, weight, bias, spec, scales, observer, left_context)
+    return module.conv_silu_triton(x, weight, bias, spec, scales, observer, left_context, mask)
 
 
 def fused_selective_scan(u, delta, A, B, C, D, z, delta_bias, h0=None, return_last_state=False):

@@ -5,7 +5,9 @@ The arithmetic is quant.py's, operation for operation, so that the int8 codes ar
 reference's bit for bit:
 - every product and sum that quant.py rounds separately is rounded separately here (libdevice's
   mul_rn / add_rn: the compiler may not contract them into an FMA, which would round once);
-- divisions are correctly rounded (div_rn), as torch's are;
+- divisions are correctly rounded, as torch's are: by a quantization scale through its correctly
+  rounded reciprocal and two FMA corrections (`_divide`: exact, and a few FMAs where div_rn takes a dozen instructions and a branch), the
+  SiLU's with div_rn;
 - the int8 kernel's integer accumulation runs in fp32, where it is exact: |acc| <= 4 * 128 * 128
   < 2**24, and a NaN input poisons its windows as quant._int8_kernel_preactivation does;
 - rounding mirrors quant.round_half_away (trunc and the exact fraction) and quant.round_half_even
@@ -49,35 +51,42 @@ MODE_IDS = {"fp": MODE_FP.value, "int8": MODE_INT8.value, "same": MODE_SIM.value
 ROUNDING_IDS = {name: index for index, name in enumerate(quant.ROUNDINGS)}
 HALF_AWAY = tl.constexpr(ROUNDING_IDS["half_away"])
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # x <= FLT_MAX: finite (NaN compares false)
-COUNT, SUM_ABS_ERR, SUM_SQ_SIGNAL, SUM_SQ_ERR, CLAMPED, NONFINITE = (
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal fp32
+# Scales whose division `_divide` does through the reciprocal (see there); others use div_rn.
+RECIPROCAL_RANGE = (2.0**-100, 2.0**100)
+COUNT, SUM_ABS_ERR, SUM_SQ_SIGNAL, SUM_SQ_ERR, CLAMPED, NONFINITE, N_SUMS, SLOTS = (
     tl.constexpr(getattr(recorder, name))
-    for name in ("COUNT", "SUM_ABS_ERR", "SUM_SQ_SIGNAL", "SUM_SQ_ERR", "CLAMPED", "NONFINITE")
+    for name in ("COUNT", "SUM_ABS_ERR", "SUM_SQ_SIGNAL", "SUM_SQ_ERR", "CLAMPED", "NONFINITE", "N_SUMS", "SLOTS")
 )
 
 
-def conv_silu_triton(x, weight, bias, spec, scales, observer=None, left_context=None, config=None):
+def conv_silu_triton(x, weight, bias, spec, scales, observer=None, left_context=None, mask=None, config=None):
     """`quant.conv_silu` on CUDA, or None where the PyTorch path must run: no CUDA, a conv width
-    other than 4, a quantized mode without scales (the PyTorch path raises the error), or an
-    observer that wants the full tensors (the recorder's snapshot batch, or a plain callable).
+    other than 4, a quantized mode without scales (the PyTorch path raises the error), an
+    observer that wants the full tensors (the recorder's snapshot batch, or a plain callable),
+    or an observer counting other positions than `mask` marks.
     `config` (BLOCK_D, GROUP, CHUNK, num_warps) overrides the launch heuristic (benchmarks).
     """
-    if not _can_run(x, weight, spec, scales, observer, left_context):
+    if not _can_run(x, weight, spec, scales, observer, left_context, mask):
         return None
-    return launch_conv_silu(x, weight, bias, spec, scales, observer, left_context, config)
+    return launch_conv_silu(x, weight, bias, spec, scales, observer, left_context, mask, config)
 
 
-def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=None, config=None):
+def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=None, mask=None, config=None):
     """The kernel launch itself, for inputs `conv_silu_triton` accepts (tests run it on the CPU
-    under Triton's interpreter)."""
+    under Triton's interpreter). The statistics count the positions the observer's mask marks,
+    which is `mask` where that is given."""
     batch, length, channels = x.shape
     out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_d, group, chunk, warps = config or launch_config(batch, length, channels)
+    stats = observer is not None
+    block_d, group, chunk, warps = config or launch_config(batch, length, channels, stats)
     params = kernel_parameters(spec, scales)
     context = left_context if left_context is not None else x  # x: a placeholder never read
-    mask = observer.mask if observer is not None else None
-    stats = observer is not None
+    zero_padding = mask is not None
+    if mask is None and observer is not None:
+        mask = observer.mask
     grid = (triton.cdiv(channels, block_d), triton.cdiv(length, group * chunk), batch)
     _conv_silu_kernel[grid](
         x, *x.stride(),
@@ -89,16 +98,19 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
         observer.sums if stats else out, observer.maxes if stats else out,
         length, channels,
         *params["scalars"],
-        MODE=params["mode"], ROUNDING=params["rounding"], CLAMP=params["clamp"],
-        HAS_CONTEXT=left_context is not None, HAS_MASK=mask is not None, STATS=stats,
+        MODE=params["mode"], ROUNDING=params["rounding"], CLAMP=params["clamp"], RECIPROCAL=params["reciprocal"],
+        HAS_CONTEXT=left_context is not None, HAS_MASK=mask is not None, ZERO_PADDING=zero_padding, STATS=stats,
         BLOCK_D=block_d, GROUP=group, CHUNK=chunk,
         num_warps=warps,
     )  # fmt: skip
     return out
 
 
-def _can_run(x, weight, spec, scales, observer, left_context) -> bool:
+def _can_run(x, weight, spec, scales, observer, left_context, mask) -> bool:
     if not x.is_cuda or x.dim() != 3 or weight.shape[-1] != TAPS.value:
+        return False
+    observed = getattr(observer, "mask", None)
+    if mask is not None and observed is not None and observed is not mask:
         return False
     if spec.quantized and scales is None:
         return False
@@ -107,36 +119,50 @@ def _can_run(x, weight, spec, scales, observer, left_context) -> bool:
     return observer is None or not getattr(observer, "wants_values", True)
 
 
-def launch_config(batch: int, length: int, channels: int) -> tuple[int, int, int, int]:
+def launch_config(batch: int, length: int, channels: int, stats: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_D, GROUP, CHUNK, num_warps): chunks long enough that the K-1 re-read inputs per chunk
     cost little, and enough programs to fill the GPU. Few distinct values, to bound compilations.
+    With statistics, half the rows per step (and twice the programs): every row holds five
+    per-value accumulators in registers, and eight rows would cut the GPU's occupancy by half.
     """
     chunk = 1 if length <= 4 else 8 if length <= 64 else 16 if length <= 512 else 32
-    group = min(8, triton.next_power_of_2(triton.cdiv(length, chunk)))
+    group = min(4 if stats else 8, triton.next_power_of_2(triton.cdiv(length, chunk)))
     return 128, group, chunk, 4
 
 
 @functools.lru_cache(maxsize=4096)
 def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]) -> dict:
     """The kernel's mode ids and fp32 scalars, all taken from quant.py's definitions:
-    (in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi)."""
+    (in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi) and the correctly rounded
+    reciprocals of the four quantization scales (in, weight, bias, out)."""
     if not spec.quantized:
-        return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "clamp": False, "scalars": (1.0,) * 5 + (0.0, 0.0)}
+        scalars = (1.0,) * 5 + (0.0, 0.0) + (1.0,) * 4
+        return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "clamp": False, "reciprocal": False, "scalars": scalars}
     s_x, s_w, s_b = (_fp32(value) for value in (scales.input, scales.weight, scales.bias))
     acc_scale = _fp32(np.float32(s_w) * np.float32(s_x))  # quant: fp32(s_w) * fp32(s_x), in fp32
+    s_y = _fp32(spec.effective_scale(scales.output))
     code_range = spec.code_range()
     lo, hi = (_fp32(bound) for bound in code_range) if code_range is not None else (0.0, 0.0)
+    divisors = (s_x, s_w, s_b, s_y)
     return {
         "mode": MODE_IDS[spec.mode],
         "rounding": ROUNDING_IDS[spec.output_rounding],
         "clamp": code_range is not None,
-        "scalars": (s_x, s_w, s_b, acc_scale, _fp32(spec.effective_scale(scales.output)), lo, hi),
+        "reciprocal": all(RECIPROCAL_RANGE[0] <= scale <= RECIPROCAL_RANGE[1] for scale in divisors),
+        "scalars": (s_x, s_w, s_b, acc_scale, s_y, lo, hi) + tuple(_reciprocal(scale) for scale in divisors),
     }
 
 
 def _fp32(value) -> float:
     """The fp32 value quant._fp32 makes of `value` (round to nearest even), as an exact Python float."""
     return float(np.float32(value))
+
+
+def _reciprocal(scale: float) -> float:
+    """RN(1 / scale) in fp32: numpy divides fp32 by fp32 with one IEEE rounding (a float64 quotient
+    rounded again to fp32 could be off by one ulp)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return float(np.float32(1.0) / np.float32(scale))
 
 
 # ------------------------------------------------------------------ the arithmetic, written once
@@ -166,9 +192,34 @@ def _clamp(t, lo, hi):
 
 
 @triton.jit
-def _operand_codes(t, scale):
+def _divide(t, scale, reciprocal, RECIPROCAL: tl.constexpr):
+    """RN(t / scale), the quotient torch computes, for a scale in RECIPROCAL_RANGE and its
+    reciprocal y = RN(1 / scale).
+
+    q0 = RN(t * y) is within 2 ulps of t / scale (y's relative error is below 2**-24). One
+    correction q1 = RN(q0 + RN(t - scale * q0) * y) leaves an error below ulp/2 + 2**-22 ulp, so
+    q1 is one of the two fp32 values around t / scale. For such a q the remainder t - scale * q
+    is exact in an FMA, and RN(q + (t - scale * q) * y) is RN(t / scale) (Markstein's theorem;
+    Muller et al., Handbook of Floating-Point Arithmetic, section on division with an FMA). The
+    theorem assumes no underflow: with the scale in range, the remainder is a multiple of 2**-149
+    wherever |t / scale| >= 1/2, hence exact, and below 1/2 every rounding gives the code 0
+    either way. NaN and infinite t come out as torch's; where t * y overflows, t / scale lies
+    within 2**-24 of FLT_MAX, whose codes clamp alike (only `better` with clamp=none could see
+    inf where torch has FLT_MAX).
+    """
+    if RECIPROCAL:
+        q0 = libdevice.mul_rn(t, reciprocal)
+        q1 = libdevice.fma(libdevice.fma(-q0, scale, t), reciprocal, q0)
+        q2 = libdevice.fma(libdevice.fma(-q1, scale, t), reciprocal, q1)
+        return tl.where((tl.abs(q0) >= FLT_MIN) & (tl.abs(q0) <= FLT_MAX), q2, q0)
+    else:
+        return libdevice.div_rn(t, scale)
+
+
+@triton.jit
+def _operand_codes(t, scale, reciprocal, RECIPROCAL: tl.constexpr):
     """quant.quantize_operands: clamp(round_half_away(t / scale), -128, 127)."""
-    return _clamp(_round_half_away(libdevice.div_rn(t, scale)), -128.0, 127.0)
+    return _clamp(_round_half_away(_divide(t, scale, reciprocal, RECIPROCAL)), -128.0, 127.0)
 
 
 @triton.jit
@@ -178,16 +229,16 @@ def _silu(v):
 
 
 @triton.jit
-def _conv_operand(raw, scale, MODE: tl.constexpr):
+def _conv_operand(raw, scale, reciprocal, MODE: tl.constexpr, RECIPROCAL: tl.constexpr):
     """A conv operand (input or weight) as the mode sees it: the value (fp), its int8 code
     (int8), or the code dequantized (same/better)."""
     value = raw.to(tl.float32)
     if MODE == MODE_FP:
         return value
     elif MODE == MODE_INT8:
-        return _operand_codes(value, scale)
+        return _operand_codes(value, scale, reciprocal, RECIPROCAL)
     else:
-        return libdevice.mul_rn(_operand_codes(value, scale), scale)
+        return libdevice.mul_rn(_operand_codes(value, scale, reciprocal, RECIPROCAL), scale)
 
 
 @triton.jit
@@ -212,18 +263,20 @@ def _preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE: t
 
 
 @triton.jit
-def _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, k: tl.constexpr, weight_scale, MODE: tl.constexpr):
+def _weight_operand(
+    w_ptr, sw_d, sw_k, d, d_ok, k: tl.constexpr, weight_scale, weight_reciprocal, MODE: tl.constexpr, RECIPROCAL: tl.constexpr
+):
     w = tl.load(w_ptr + d * sw_d + k * sw_k, mask=d_ok, other=0.0)
-    return _conv_operand(w, weight_scale, MODE)
+    return _conv_operand(w, weight_scale, weight_reciprocal, MODE, RECIPROCAL)
 
 
 @triton.jit
-def _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, MODE: tl.constexpr):
+def _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE: tl.constexpr, RECIPROCAL: tl.constexpr):
     b = tl.load(b_ptr + d * sb_d, mask=d_ok, other=0.0).to(tl.float32)
     if MODE == MODE_FP:
         return b
     else:
-        return libdevice.mul_rn(_operand_codes(b, bias_scale), bias_scale)
+        return libdevice.mul_rn(_operand_codes(b, bias_scale, bias_reciprocal, RECIPROCAL), bias_scale)
 
 
 # ------------------------------------------------------------------ the kernel
@@ -238,12 +291,16 @@ def _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, t, d, d_ok, length):
 
 @triton.jit
 def _load_window_start(
-    x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, batch, t, d, d_ok, length, HAS_CONTEXT: tl.constexpr
+    x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, t, d, d_ok, length,
+    HAS_CONTEXT: tl.constexpr, ZERO_PADDING: tl.constexpr,
 ):
     """Inputs at positions t < chunk start, which may precede the sequence: left context there
-    (the inputs before x), zeros without one."""
+    (the inputs before x), zeros without one; zeros at padding."""
     inside = _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, tl.maximum(t, 0), d, d_ok, length)
-    inside = tl.where((t >= 0)[:, None], inside, 0.0)
+    keep = t >= 0
+    if ZERO_PADDING:
+        keep = keep & _load_real(mask_ptr, sm_b, sm_l, batch, tl.maximum(t, 0), length, True)
+    inside = tl.where(keep[:, None], inside, 0.0)
     if HAS_CONTEXT:
         offsets = batch * sc_b + (t + TAPS - 1)[:, None].to(tl.int64) * sc_l + d[None, :] * sc_d
         before = tl.load(ctx_ptr + offsets, mask=(t < 0)[:, None] & d_ok[None, :], other=0.0)
@@ -262,7 +319,7 @@ def _load_real(mask_ptr, sm_b, sm_l, batch, t, length, HAS_MASK: tl.constexpr):
         return inside
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["length"])
 def _conv_silu_kernel(
     x_ptr, sx_b, sx_l, sx_d,
     ctx_ptr, sc_b, sc_l, sc_d,
@@ -273,8 +330,9 @@ def _conv_silu_kernel(
     sums_ptr, maxes_ptr,
     length, channels,
     in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi,
-    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
+    in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
+    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr, RECIPROCAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     batch = tl.program_id(2).to(tl.int64)
@@ -282,27 +340,32 @@ def _conv_silu_kernel(
     d_ok = d < channels
     starts = (tl.program_id(1) * GROUP + tl.arange(0, GROUP)) * CHUNK
 
-    w0 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 0, weight_scale, MODE)[None, :]
-    w1 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 1, weight_scale, MODE)[None, :]
-    w2 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 2, weight_scale, MODE)[None, :]
-    w3 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 3, weight_scale, MODE)[None, :]
-    bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, MODE)[None, :]
+    w0 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 0, weight_scale, weight_reciprocal, MODE, RECIPROCAL)[None, :]
+    w1 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 1, weight_scale, weight_reciprocal, MODE, RECIPROCAL)[None, :]
+    w2 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 2, weight_scale, weight_reciprocal, MODE, RECIPROCAL)[None, :]
+    w3 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 3, weight_scale, weight_reciprocal, MODE, RECIPROCAL)[None, :]
+    bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE, RECIPROCAL)[None, :]
 
     x0 = _conv_operand(
-        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, batch, starts - 3, d, d_ok, length, HAS_CONTEXT),
-        in_scale, MODE,
+        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 3, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
+        in_scale, in_reciprocal, MODE, RECIPROCAL,
     )  # fmt: skip
     x1 = _conv_operand(
-        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, batch, starts - 2, d, d_ok, length, HAS_CONTEXT),
-        in_scale, MODE,
+        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 2, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
+        in_scale, in_reciprocal, MODE, RECIPROCAL,
     )  # fmt: skip
     x2 = _conv_operand(
-        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, batch, starts - 1, d, d_ok, length, HAS_CONTEXT),
-        in_scale, MODE,
+        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 1, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
+        in_scale, in_reciprocal, MODE, RECIPROCAL,
     )  # fmt: skip
 
+    # Statistics: five per-value accumulators (registers are what limits this kernel's occupancy).
+    # Real positions are counted per row; the non-finite and the clamped counts share one
+    # accumulator, as nonfinite * (CHUNK + 1) + clamped: both are integers of at most CHUNK, so
+    # trunc(flags / (CHUNK + 1)) is nonfinite (the fraction is at most CHUNK / (CHUNK + 1)).
     zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
-    n_valid, sum_abs, sum_signal, sum_sq, n_clamped, n_real, max_err = zeros, zeros, zeros, zeros, zeros, zeros, zeros
+    sum_abs, sum_signal, sum_sq, max_err, flags = zeros, zeros, zeros, zeros, zeros
+    real_steps = tl.zeros((GROUP,), dtype=tl.float32)
     raw = _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, starts, d, d_ok, length)
     real = _load_real(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK)
     for step in range(CHUNK):
@@ -312,42 +375,54 @@ def _conv_silu_kernel(
         raw_next = _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, ahead, d, d_ok, length)
         real_next = _load_real(mask_ptr, sm_b, sm_l, batch, ahead, length, HAS_MASK)
 
-        x3 = _conv_operand(raw, in_scale, MODE)
+        if ZERO_PADDING:
+            x3 = _conv_operand(tl.where(real[:, None], raw, 0.0), in_scale, in_reciprocal, MODE, RECIPROCAL)
+        else:
+            x3 = _conv_operand(raw, in_scale, in_reciprocal, MODE, RECIPROCAL)
         before = _silu(_preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE))
         if MODE == MODE_FP:
             after = before
         else:
-            rounded = _round(libdevice.div_rn(before, out_scale), ROUNDING)
+            rounded = _round(_divide(before, out_scale, out_reciprocal, RECIPROCAL), ROUNDING)
             if CLAMP:
                 codes = _clamp(rounded, lo, hi)
             else:
                 codes = rounded
             after = libdevice.mul_rn(codes, out_scale)
         offsets = batch * so_b + t[:, None].to(tl.int64) * so_l + d[None, :] * so_d
-        tl.store(out_ptr + offsets, after.to(out_ptr.dtype.element_ty), mask=(t < length)[:, None] & d_ok[None, :])
+        in_sequence = (t < length)[:, None] & d_ok[None, :]
+        if ZERO_PADDING:
+            tl.store(out_ptr + offsets, tl.where(real[:, None], after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
+        else:
+            tl.store(out_ptr + offsets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
 
         if STATS:
             # recorder.LayerObserver's statistics: errors over real positions whose error is finite.
             error = tl.abs(after - before)
             in_range = real[:, None] & d_ok[None, :]
             valid = in_range & (error <= FLT_MAX)
-            n_real += in_range.to(tl.float32)
-            n_valid += valid.to(tl.float32)
+            real_steps += real.to(tl.float32)
             sum_abs += tl.where(valid, error, 0.0)
             sum_signal += tl.where(valid, before * before, 0.0)
             sum_sq += tl.where(valid, error * error, 0.0)
             max_err = tl.maximum(max_err, tl.where(valid, error, 0.0))
+            flags += tl.where(in_range & ~valid, CHUNK + 1.0, 0.0)
             if CLAMP:
-                n_clamped += (valid & (codes != rounded)).to(tl.float32)
+                flags += (valid & (codes != rounded)).to(tl.float32)
 
         x0, x1, x2 = x1, x2, x3
         raw, real = raw_next, real_next
 
     if STATS:
-        tl.atomic_add(sums_ptr + COUNT, tl.sum(n_valid.to(tl.float64)))
-        tl.atomic_add(sums_ptr + SUM_ABS_ERR, tl.sum(sum_abs.to(tl.float64)))
-        tl.atomic_add(sums_ptr + SUM_SQ_SIGNAL, tl.sum(sum_signal.to(tl.float64)))
-        tl.atomic_add(sums_ptr + SUM_SQ_ERR, tl.sum(sum_sq.to(tl.float64)))
-        tl.atomic_add(sums_ptr + CLAMPED, tl.sum(n_clamped.to(tl.float64)))
-        tl.atomic_add(sums_ptr + NONFINITE, tl.sum((n_real - n_valid).to(tl.float64)))
-        tl.atomic_max(maxes_ptr, tl.max(max_err))
+        nonfinite = libdevice.trunc(flags / (CHUNK + 1.0))
+        n_nonfinite = tl.sum(nonfinite.to(tl.float64))
+        n_real = tl.sum(real_steps.to(tl.float64)) * tl.sum(d_ok.to(tl.float64))
+        slot = (tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * batch)) % SLOTS
+        row = sums_ptr + slot * N_SUMS  # the recorder's partial rows (recorder.SLOTS)
+        tl.atomic_add(row + COUNT, n_real - n_nonfinite)
+        tl.atomic_add(row + SUM_ABS_ERR, tl.sum(sum_abs.to(tl.float64)))
+        tl.atomic_add(row + SUM_SQ_SIGNAL, tl.sum(sum_signal.to(tl.float64)))
+        tl.atomic_add(row + SUM_SQ_ERR, tl.sum(sum_sq.to(tl.float64)))
+        tl.atomic_add(row + CLAMPED, tl.sum((flags - nonfinite * (CHUNK + 1.0)).to(tl.float64)))
+        tl.atomic_add(row + NONFINITE, n_nonfinite)
+        tl.atomic_max(maxes_ptr + slot, tl.max(max_err))
