@@ -10,7 +10,7 @@ Sections (all by default; --sections picks):
   scan     the selective scan: the Triton kernel vs mamba-ssm's (with the transposes it needs)
   model    ms per batch of a B=64, L=128 forward: mamba-ssm's MambaLMHeadModel (fused fast path),
            transformers' MambaForCausalLM (PyTorch path), and ours in each mode, dumps (recorder)
-           off and on, eager and replayed from a CUDA graph
+           off and on, eager and replayed from a CUDA graph as lm_model runs it
 Results go to OUT/gpu_bench.json; the tables are printed last.
 
 Usage:  python benchmarks/gpu_bench.py [--out DIR] [--sections env,codes,conv,scan,model]
@@ -126,6 +126,22 @@ def pytorch_conv():
 
 
 @contextlib.contextmanager
+def division_by_div_rn():
+    """The conv kernel dividing by its scales with div_rn instead of the reciprocal and FMAs
+    (the same quotients, the cost of the plain way)."""
+    from lm_eval_floatsim.kernels import conv_silu_triton as module
+
+    original = module.RECIPROCAL_RANGE
+    module.RECIPROCAL_RANGE = (math.inf, math.inf)
+    module.kernel_parameters.cache_clear()
+    try:
+        yield
+    finally:
+        module.RECIPROCAL_RANGE = original
+        module.kernel_parameters.cache_clear()
+
+
+@contextlib.contextmanager
 def mamba_ssm_scan_instead():
     """Run mamba-ssm's selective scan (with the transposing copies it needs) where the model would
     run the Triton scan."""
@@ -200,23 +216,39 @@ def section_conv(args, device, results):
 
     rows = []
 
-    def add(name, ms, config=None):
-        rows.append({"name": name, "ms": ms, "gbs": moved / ms / 1e6, "of_copy": floor_ms / ms, "config": config})
+    def add(name, ms, config=None, bytes_moved=moved):
+        floor = bytes_moved / copy_gbs / 1e6
+        rows.append({"name": name, "ms": ms, "gbs": bytes_moved / ms / 1e6, "of_copy": floor / ms, "config": config})
         print(rows[-1], flush=True)
 
     default = launch_config(batch, length, channels)
     for config in [default] + [c for c in CONV_CONFIGS if c != default]:
         run = lambda: conv_silu_triton(x, w, b, SPECS["int8"], scales, config=config)
         add("int8 kernel", timed_ms(run, device, args.iters), list(config))
-    best = min((r for r in rows if r["config"]), key=lambda r: r["ms"])["config"]
     for mode in MODES:
         for stats in (False, True):
             recorder = Recorder(1, device=device)
             recorder.arm()
             recorder.keep_values(0, None, None, None)  # past the snapshot: statistics only
             observer = recorder.layer(0, None) if stats else None
-            run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=tuple(best))
-            add(f"{mode} kernel{' + statistics' if stats else ''}", timed_ms(run, device, args.iters), best)
+            config = launch_config(batch, length, channels, stats)  # what the model runs
+            run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer)
+            add(f"{mode} kernel{' + statistics' if stats else ''}", timed_ms(run, device, args.iters), list(config))
+    small = conv_case(args.batch, args.length, channels, device)
+    for mode in MODES:
+        for stats in (False, True):
+            recorder = Recorder(1, device=device)
+            recorder.arm()
+            recorder.keep_values(0, None, None, None)
+            observer = recorder.layer(0, None) if stats else None
+            run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer)
+            config = launch_config(args.batch, args.length, channels, stats)
+            name = f"{mode} kernel{' + statistics' if stats else ''}, B={args.batch} L={args.length} (the model's batch)"
+            add(name, timed_ms(run, device, args.iters), list(config), 2 * small[0].numel() * small[0].element_size())
+    with division_by_div_rn():
+        for mode in ("int8", "better"):
+            run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales)
+            add(f"{mode} kernel, scales divided by div_rn", timed_ms(run, device, args.iters), list(default))
     with pytorch_conv():
         add("int8 PyTorch path", timed_ms(lambda: conv_silu(x, w, b, SPECS["int8"], scales), device, 5, 1))
     with contextlib.suppress(ImportError):
@@ -410,10 +442,11 @@ def section_model(args, device, results):
     # (label, context, graphed, modes): the PyTorch conv and mamba-ssm's scan show what the
     # fused kernels buy; "eager" is the model as it runs by default.
     variants = [
+        ("eager", contextlib.nullcontext, False, MODES),
+        ("CUDA graph (lm_eval's path)", contextlib.nullcontext, True, MODES),
+        ("CUDA graph, padding mask", contextlib.nullcontext, "masked", MODES),
         ("eager, PyTorch conv", pytorch_conv, False, ("int8",)),
         ("eager, mamba-ssm scan", mamba_ssm_scan_instead, False, ("int8",)),
-        ("eager", contextlib.nullcontext, False, MODES),
-        ("CUDA graph", contextlib.nullcontext, True, MODES),
     ]
     for mode in MODES:
         model.quantize(SPECS[mode], scales if mode != "fp" else None)
@@ -448,7 +481,8 @@ def time_transformers(model, ids, device, modeling, add, iters):
 
 def forward(model, ids, dumps, graphed, device):
     """A callable running one forward: with a recorder past its snapshot batch when dumps are on
-    (the snapshot batch itself runs first, untimed), from a CUDA graph when graphed."""
+    (the snapshot batch itself runs first, untimed), from a CUDA graph when graphed; "masked":
+    with a padding mask whose last row is 3/4 padding, as lm-eval's right-padded batches have."""
     model.recorder = Recorder(model.config.n_layer, device=device) if dumps else None
     if dumps:
         model.recorder.arm()
@@ -458,6 +492,10 @@ def forward(model, ids, dumps, graphed, device):
         from lm_eval_floatsim.kernels.fast_path import GraphedForward
 
         runner = GraphedForward(model, capture_after=1)
+        if graphed == "masked":
+            mask = torch.ones_like(ids)
+            mask[-1, ids.shape[1] // 4 :] = 0
+            return lambda: runner(ids, mask)
         return lambda: runner(ids)
     return lambda: model(ids)
 

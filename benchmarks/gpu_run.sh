@@ -14,8 +14,8 @@ case $1 in
     source .device/a/setup.sh mamba_ssm causal_conv1d || exit 2
     export PYTHONPATH=$PWD:$PYTHONPATH
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
-    python3 -m pytest -q -rs -s -k "not interpreter" tests/test_kernels.py 2>&1 | tee "$out/pytest_kernels.log"
-    python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
+    timeout 150 python3 -m pytest -q -rs -s -k "not interpreter" tests/test_kernels.py 2>&1 | tee "$out/pytest_kernels.log"
+    timeout 400 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
     ;;
   lm_eval)
     [ -d /tmp/site/mamba_ssm ] || source .device/b/setup.sh wheels mamba_ssm || exit 2
