@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lm_eval_floatsim.kernels import fast_path
 from lm_eval_floatsim.kernels.fast_path import GraphedForward, _pad_to_bucket, bucket_length
 from lm_eval_floatsim.mamba import MambaConfig, MambaLM
 from lm_eval_floatsim.quant import LayerScales, QuantSpec
@@ -76,3 +77,27 @@ def test_on_the_cpu_the_forward_is_the_eager_one():
     with torch.no_grad():
         assert torch.equal(forward(ids), model(ids))
     assert not forward._graphs
+
+
+def test_a_capture_that_runs_out_of_memory_leaves_that_shape_eager(monkeypatch):
+    """With --batch_size auto the eager probe may fill the GPU; a graph's own memory pool then
+    does not fit. The forward must still answer, and not try that capture again."""
+    captures = []
+
+    def out_of_memory(*args):
+        captures.append(args)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(GraphedForward, "_can_graph", staticmethod(lambda input_ids: True))
+    monkeypatch.setattr(fast_path, "_Graph", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    model = quantized_model()
+    model.recorder = None
+    ids = torch.randint(0, 100, (2, 13))
+    forward = GraphedForward(model, capture_after=1)
+    with torch.no_grad():
+        got = [forward(ids) for _ in range(3)]
+        expected = model(ids)
+    assert all(torch.equal(logits, expected) for logits in got)
+    assert len(captures) == 1 and not forward._graphs

@@ -30,7 +30,8 @@ class GraphedForward:
 
     A shape is captured the `capture_after`-th time it is seen (earlier sightings run eagerly
     and unpadded), so that one-off shapes never pay for a capture; at most `max_graphs` graphs
-    are kept, least recently used first out.
+    are kept, least recently used first out. A capture that runs out of GPU memory (a batch size
+    probed to fill it eagerly leaves no room for a graph's own pool) leaves that shape eager.
     """
 
     def __init__(self, model, capture_after: int = 2, max_graphs: int = 16):
@@ -38,29 +39,37 @@ class GraphedForward:
         self.capture_after, self.max_graphs = capture_after, max_graphs
         self._graphs: OrderedDict = OrderedDict()
         self._seen: dict = {}
+        self._eager_only: set = set()
         self._pool = None
 
     def reset(self) -> None:
         """Drop every graph (they hold the recorder, scales and mode they were captured with)."""
         self._graphs.clear()
         self._seen.clear()
+        self._eager_only.clear()
         self._pool = None
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not input_ids.is_cuda or self._snapshot_pending():
+        if not self._can_graph(input_ids) or self._snapshot_pending():
             return self.model(input_ids, mask=mask)
         ids, padded_mask = _pad_to_bucket(input_ids, mask)
         key = self._key(ids, padded_mask)
         graph = self._graphs.get(key)
         if graph is None:
             self._seen[key] = self._seen.get(key, 0) + 1
-            if self._seen[key] < self.capture_after:
+            if self._seen[key] < self.capture_after or key in self._eager_only:
                 return self.model(input_ids, mask=mask)
             graph = self._capture(key, ids, padded_mask)
+            if graph is None:
+                return self.model(input_ids, mask=mask)
         self._graphs.move_to_end(key)
         hidden = graph.replay(ids, padded_mask)
         return self.model.lm_head(hidden[:, : input_ids.shape[1]])
+
+    @staticmethod
+    def _can_graph(input_ids: torch.Tensor) -> bool:
+        return input_ids.is_cuda
 
     def _snapshot_pending(self) -> bool:
         recorder = self.model.recorder
@@ -70,10 +79,15 @@ class GraphedForward:
         model = self.model
         return (tuple(ids.shape), mask.dtype, model.spec, id(model.scales), id(model.recorder))
 
-    def _capture(self, key, ids, mask) -> "_Graph":
+    def _capture(self, key, ids, mask) -> Optional["_Graph"]:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = _Graph(self.model, ids, mask, self._pool)
+        try:
+            graph = _Graph(self.model, ids, mask, self._pool)
+        except torch.cuda.OutOfMemoryError:
+            self._eager_only.add(key)
+            torch.cuda.empty_cache()
+            return None
         self._graphs[key] = graph
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
