@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -114,15 +115,22 @@ def conv_case(batch, length, channels, device, dtype=torch.float16, seed=0):
     return x, w, b, scales
 
 
-@contextlib.contextmanager
+def declines(*args, **kwargs):
+    """A fused kernel's dispatch that always declines: the caller runs its PyTorch path."""
+    return None
+
+
 def pytorch_conv():
     """Run quant.conv_silu's PyTorch path even on CUDA (the fused kernel declines every call)."""
-    original = kernels.fused_conv_silu
-    kernels.fused_conv_silu = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        kernels.fused_conv_silu = original
+    return mock.patch.object(kernels, "fused_conv_silu", declines)
+
+
+def mamba_ssm_scan_instead():
+    """Run mamba-ssm's selective scan (with the transposing copies it needs) where the model would
+    run the Triton scan."""
+    from lm_eval_floatsim import selective_scan
+
+    return mock.patch.object(selective_scan, "fused_selective_scan", declines)
 
 
 @contextlib.contextmanager
@@ -131,28 +139,21 @@ def division_by_div_rn():
     (the same quotients, the cost of the plain way)."""
     from lm_eval_floatsim.kernels import conv_silu_triton as module
 
-    original = module.RECIPROCAL_RANGE
-    module.RECIPROCAL_RANGE = (math.inf, math.inf)
     module.kernel_parameters.cache_clear()
     try:
-        yield
+        with mock.patch.object(module, "RECIPROCAL_RANGE", (math.inf, math.inf)):
+            yield
     finally:
-        module.RECIPROCAL_RANGE = original
         module.kernel_parameters.cache_clear()
 
 
-@contextlib.contextmanager
-def mamba_ssm_scan_instead():
-    """Run mamba-ssm's selective scan (with the transposing copies it needs) where the model would
-    run the Triton scan."""
-    from lm_eval_floatsim import selective_scan
-
-    original = selective_scan.fused_selective_scan
-    selective_scan.fused_selective_scan = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        selective_scan.fused_selective_scan = original
+def statistics_only(n_layer, device) -> Recorder:
+    """A Recorder past its snapshot batch: observers only accumulate statistics."""
+    recorder = Recorder(n_layer, device=device)
+    recorder.arm()
+    for layer in range(n_layer):
+        recorder.keep_values(layer, None, None, None)
+    return recorder
 
 
 # ------------------------------------------------------------------ sections
@@ -227,20 +228,14 @@ def section_conv(args, device, results):
         add("int8 kernel", timed_ms(run, device, args.iters), list(config))
     for mode in MODES:
         for stats in (False, True):
-            recorder = Recorder(1, device=device)
-            recorder.arm()
-            recorder.keep_values(0, None, None, None)  # past the snapshot: statistics only
-            observer = recorder.layer(0, None) if stats else None
+            observer = statistics_only(1, device).layer(0, None) if stats else None
             config = launch_config(batch, length, channels, stats)  # what the model runs
             run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer)
             add(f"{mode} kernel{' + statistics' if stats else ''}", timed_ms(run, device, args.iters), list(config))
     small = conv_case(args.batch, args.length, channels, device)
     for mode in MODES:
         for stats in (False, True):
-            recorder = Recorder(1, device=device)
-            recorder.arm()
-            recorder.keep_values(0, None, None, None)
-            observer = recorder.layer(0, None) if stats else None
+            observer = statistics_only(1, device).layer(0, None) if stats else None
             run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer)
             config = launch_config(args.batch, args.length, channels, stats)
             name = f"{mode} kernel{' + statistics' if stats else ''}, B={args.batch} L={args.length} (the model's batch)"

@@ -192,3 +192,15 @@ def make_checkpoint(folder, layout: str = "mamba_ssm", weights: str = "safetenso
     if tokenizer:
         save_tokenizer(folder)
     return Path(folder), model
+
+
+def statistics_recorder(model):
+    """A Recorder of the model's layers, on its device, past its snapshot batch: forwards only
+    add to its statistics."""
+    from lm_eval_floatsim.recorder import Recorder
+
+    recorder = Recorder(model.config.n_layer, device=model.device)
+    recorder.arm()
+    for layer in range(model.config.n_layer):
+        recorder.keep_values(layer, None, None, None)
+    return recorder

@@ -9,27 +9,18 @@ The replay itself needs CUDA: tests/test_kernels.py checks it against the eager 
 from __future__ import annotations
 
 import torch
+from helpers_models import statistics_recorder
 
 from lm_eval_floatsim.kernels import fast_path
 from lm_eval_floatsim.kernels.fast_path import GraphedForward, _pad_to_bucket, bucket_length
 from lm_eval_floatsim.mamba import MambaConfig, MambaLM
 from lm_eval_floatsim.quant import LayerScales, QuantSpec
-from lm_eval_floatsim.recorder import Recorder
 
 
 def quantized_model():
     torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=100)).eval()
     return model.quantize(QuantSpec("int8"), [LayerScales(0.05, 0.02, 0.01, 0.01)] * 2)
-
-
-def statistics_recorder(model):
-    """A recorder past its snapshot batch: forwards only add to its statistics."""
-    recorder = Recorder(model.config.n_layer)
-    recorder.arm()
-    for layer in range(model.config.n_layer):
-        recorder.keep_values(layer, None, None, None)
-    return recorder
 
 
 def test_buckets_pad_by_less_than_a_quarter_and_never_shorten():

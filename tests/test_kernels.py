@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_models import statistics_recorder
 from lm_eval_floatsim import kernels
 from lm_eval_floatsim.quant import LayerScales, QuantSpec, conv_silu
 from lm_eval_floatsim.recorder import CLAMPED, COUNT, NONFINITE, SUM_ABS_ERR, SUM_SQ_ERR, SUM_SQ_SIGNAL, Recorder
@@ -492,9 +493,9 @@ def test_gpu_graphed_forward_replays_the_eager_forward_with_statistics(length):
     mask = torch.ones_like(ids)
     mask[1, -7:] = 0
     with torch.no_grad():
-        model.recorder = eager_recorder = observed_recorder_for(model)
+        model.recorder = eager_recorder = statistics_recorder(model)
         expected = [model(ids, mask=mask) for _ in range(3)]
-        model.recorder = graph_recorder = observed_recorder_for(model)
+        model.recorder = graph_recorder = statistics_recorder(model)
         graphed = GraphedForward(model, capture_after=1)
         got = [graphed(ids, mask) for _ in range(3)]
     assert len(graphed._graphs) == 1
@@ -508,15 +509,6 @@ def test_gpu_graphed_forward_replays_the_eager_forward_with_statistics(length):
     torch.testing.assert_close(graph_recorder.sums, eager_recorder.sums, rtol=1e-12 if exact else 1e-5, atol=0)
     if exact:
         assert torch.equal(graph_recorder.maxes, eager_recorder.maxes)
-
-
-def observed_recorder_for(model):
-    """A recorder of the model's layers past its snapshot batch (statistics only)."""
-    recorder = Recorder(model.config.n_layer, device="cuda")
-    recorder.arm()
-    for layer in range(model.config.n_layer):
-        recorder.keep_values(layer, None, None, None)
-    return recorder
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["interpret"]:
