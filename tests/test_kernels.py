@@ -28,7 +28,7 @@ import torch
 
 from helpers_models import statistics_recorder
 from lm_eval_floatsim import kernels
-from lm_eval_floatsim.quant import LayerScales, QuantSpec, conv_silu
+from lm_eval_floatsim.quant import ROUNDINGS, LayerScales, QuantSpec, conv_silu, round_codes
 from lm_eval_floatsim.recorder import CLAMPED, COUNT, NONFINITE, SUM_ABS_ERR, SUM_SQ_ERR, SUM_SQ_SIGNAL, Recorder
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -234,10 +234,9 @@ def divide_as_the_kernel_does(t, scale):
     t, scale = np.asarray(t, dtype=np.float32), np.float32(scale)
     reciprocal = np.float32(1) / scale
     q0 = t * reciprocal
-    q1 = fma32(fma32(-q0, scale, t), reciprocal, q0)
-    q2 = fma32(fma32(-q1, scale, t), reciprocal, q1)
-    finfo = np.finfo(np.float32)
-    return np.where((np.abs(q0) >= finfo.smallest_normal) & (np.abs(q0) <= finfo.max), q2, q0)
+    q1 = fma32(fma32(q0, scale, -t), -reciprocal, q0)
+    q2 = fma32(fma32(q1, scale, -t), -reciprocal, q1)
+    return np.where(np.abs(q0) <= np.finfo(np.float32).max, q2, q0)
 
 
 def division_cases(scale, rng):
@@ -255,7 +254,7 @@ def division_cases(scale, rng):
 def test_division_through_the_reciprocal_is_correctly_rounded():
     """The kernel divides by a quantization scale with its reciprocal and FMA corrections; the
     result must be IEEE's correctly rounded quotient, which numpy's fp32 division is, bit for bit,
-    for scales across RECIPROCAL_RANGE (powers of two, all-ones mantissas, calibration-like).
+    for scales across SCALE_RANGE (powers of two, all-ones mantissas, calibration-like).
     Quotients below 2**-60 need only be as small, with the same sign: their codes are 0 either way."""
     rng = np.random.default_rng(0)
     all_ones = np.float32(np.nextafter(np.float32(2), np.float32(0)))  # 1.11...1b
@@ -270,6 +269,36 @@ def test_division_through_the_reciprocal_is_correctly_rounded():
         same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
         assert (same | tiny).all(), (scale, t[~same][:5], got[~same][:5], want[~same][:5])
         assert (np.abs(got[tiny]) < 2.0**-59).all() and (np.signbit(got) == np.signbit(want))[tiny].all()
+
+
+def rounding_cases(rng):
+    """fp32 values whose rounding is delicate: within ulps of every integer and half-integer up to
+    300 and around 2**22..2**24 (where fp32 spacing reaches 1/2, 1, 2), the largest float below
+    1/2, signed zeros, subnormals, infinities, NaN, every fp16 value, and values of every exponent."""
+    def around(values, ulps=3):
+        values = np.asarray(values, dtype=np.float32)
+        out = [values]
+        up, down = values, values
+        for _ in range(ulps):
+            up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+            out += [up, down]
+        return np.concatenate(out)
+
+    halves = np.arange(-300, 301) * 0.5
+    powers = np.float32([2.0**22, 2.0**23, 2.0**24]) + np.arange(-3, 4)[:, None].astype(np.float32)
+    fp16 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1e-40, -1e-40, 0.49999997, -0.49999997]
+    wide = (rng.standard_normal(20_000) * 2.0 ** rng.integers(-30, 30, 20_000)).astype(np.float32)
+    values = np.concatenate([around(halves), around(powers.ravel()), around([2.0**22, -(2.0**23)], 8),
+                             np.float32(special), fp16, wide])
+    return torch.from_numpy(values)
+
+
+def assert_same_bits(got, want):
+    """Equal fp32 bit patterns (so signed zeros count), any NaN for NaN."""
+    got, want = got.cpu(), want.cpu()
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert same.all(), (got[~same][:5].tolist(), want[~same][:5].tolist())
 
 
 # ------------------------------------------------------------------ Triton's interpreter (CPU)
@@ -294,11 +323,30 @@ def _interpreter_libdevice():
 
     def rint(t):
         shifted = tl.where(t >= 0, (t + magic) - magic, (t - magic) + magic)
-        return tl.where(tl.abs(t) < magic, shifted, t)
+        sign = t.to(tl.int32, bitcast=True) & -(2**31)  # rint(-0.3) is -0.0, as the shifted sum is not
+        signed = (shifted.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        return tl.where(tl.abs(t) < magic, signed, t)
+
+    def add_rz(a, b):
+        # The float64 sum of two fp32 values rounds only where one is below the other's last
+        # bit by 2**29, and then not across an fp32 value; stepping back toward zero where
+        # rounding to nearest went past the sum gives the sum rounded toward zero.
+        exact = a.to(tl.float64) + (b + tl.zeros_like(a)).to(tl.float64)
+        nearest = exact.to(tl.float32)
+        past = tl.abs(nearest.to(tl.float64)) > tl.abs(exact)
+        return tl.where(past, (nearest.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), nearest)
+
+    def popc(v):
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F
+        return ((v * 0x01010101) >> 24) & 0xFF
 
     return SimpleNamespace(
         trunc=lambda t: tl.where(t < 0, tl.ceil(t), tl.floor(t)),
         rint=rint,
+        add_rz=add_rz,
+        popc=popc,
         exp=lambda t: tl.exp(t),
         div_rn=lambda a, b: a / b,
         mul_rn=lambda a, b: a * b,
@@ -332,6 +380,9 @@ def _interpreted_checks():
     _let_the_interpreter_loop_to_a_runtime_bound()
     from lm_eval_floatsim.kernels import rms_norm_triton
 
+    q = rounding_cases(np.random.default_rng(2))
+    for rounding in ROUNDINGS:
+        assert_same_bits(round_in_kernel(q, rounding), round_codes(q, rounding))
     x, weight = torch.randn(5, 3, 37), torch.randn(37)
     assert_rms_norm_matches(rms_norm_triton.launch_rms_norm(x, weight, 1e-5), x, weight, 1e-5)
     for h0 in (False, True):
@@ -349,6 +400,7 @@ def _interpreted_checks():
         (SPECS[5], left, (16, 2, 8, 1)),
         (SPECS[0], left, (8, 1, 1, 1)),
         (SPECS[2], None, (8, 1, 1, 1)),
+        (SPECS[3], None, (16, 2, 32, 1)),  # 32-position chunks: the mask's bits fill an int32
     ]
     for spec, context, config in cases:
         expected, seen = reference(x, w, b, spec, scales, context)
@@ -412,14 +464,26 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from lm_eval_floatsim.kernels.conv_silu_triton import _divide
+    from lm_eval_floatsim.kernels.conv_silu_triton import ROUNDING_IDS, _divide, _round
+
+    @triton.jit
+    def _round_kernel(q_ptr, out_ptr, n, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        tl.store(out_ptr + offsets, _round(tl.load(q_ptr + offsets, mask=inside), ROUNDING), mask=inside)
+
+    def round_in_kernel(q, rounding):
+        out = torch.empty_like(q)
+        _round_kernel[(triton.cdiv(q.numel(), 1024),)](q, out, q.numel(), ROUNDING=ROUNDING_IDS[rounding], BLOCK=1024,
+                                                       **({} if q.device.type == "cpu" else {"enable_reflect_ftz": False}))
+        return out
 
     @triton.jit
     def _divide_kernel(t_ptr, out_ptr, n, scale, reciprocal, BLOCK: tl.constexpr):
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
         t = tl.load(t_ptr + offsets, mask=inside, other=1.0)
-        tl.store(out_ptr + offsets, _divide(t, scale, reciprocal, True), mask=inside)
+        tl.store(out_ptr + offsets, _divide(t, scale, reciprocal), mask=inside)
 
 
 @cuda_only
@@ -438,6 +502,15 @@ def test_gpu_division_through_the_reciprocal_is_torchs_division():
         tiny = np.abs(want) < 2.0**-60  # code 0 either way (see the CPU test)
         same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want)) | tiny
         assert same.all(), (scale, got[~same][:5], want[~same][:5])
+
+
+@cuda_only
+def test_gpu_rounding_is_quant_py_rounding_bit_for_bit():
+    """The compiled roundings against quant.py's on the CPU, signed zeros included: the kernel
+    rounds half away with a sum rounded toward zero, the CPU with trunc and the exact fraction."""
+    q = rounding_cases(np.random.default_rng(3))
+    for rounding in ROUNDINGS:
+        assert_same_bits(round_in_kernel(q.cuda(), rounding), round_codes(q, rounding))
 
 
 @cuda_only

@@ -4,14 +4,16 @@ output quantization and the recorder's statistics in a single pass over the acti
 The arithmetic is quant.py's, operation for operation, so that the int8 codes are the CPU
 reference's bit for bit:
 - every product and sum that quant.py rounds separately is rounded separately here (libdevice's
-  mul_rn / add_rn: the compiler may not contract them into an FMA, which would round once);
+  mul_rn / add_rn: the compiler may not contract them into an FMA, which would round once), and
+  subnormal numbers are kept as the CPU keeps them (the kernel is compiled without libdevice's
+  flush-to-zero, which Triton turns on by default);
 - divisions are correctly rounded, as torch's are: by a quantization scale through its correctly
-  rounded reciprocal and two FMA corrections (`_divide`: exact, and a few FMAs where div_rn takes a dozen instructions and a branch), the
-  SiLU's with div_rn;
+  rounded reciprocal and two FMA corrections (`_divide`: exact, and a few FMAs where div_rn takes a
+  dozen instructions and a branch), the SiLU's with div_rn;
 - the int8 kernel's integer accumulation runs in fp32, where it is exact: |acc| <= 4 * 128 * 128
   < 2**24, and a NaN input poisons its windows as quant._int8_kernel_preactivation does;
-- rounding mirrors quant.round_half_away (trunc and the exact fraction) and quant.round_half_even
-  (rint); clamping keeps NaN, as torch.clamp does. Both are written once, below.
+- rounding gives quant.round_half_away's and quant.round_half_even's results, signed zeros
+  included; clamping keeps NaN, as torch.clamp does. Both are written once, below.
 Only exp is not the CPU's: libdevice's expf and the CPU's may differ in the last bit, which can move
 a code only where y / scale sits within an ulp of a rounding tie.
 
@@ -22,7 +24,9 @@ Layout: x is channels-last (batch, length, channels) with any strides (a view of
 the output a new contiguous tensor of x's dtype. Each program takes BLOCK_D channels of GROUP
 chunks of CHUNK positions of one sequence and walks the chunks in step, position by position,
 keeping the last K-1 conv inputs in registers: every input is loaded and quantized once (plus
-K-1 per chunk), and the GROUP rows of a step are loaded together.
+K-1 per chunk), and the GROUP rows of a step are loaded together. The walk goes UNROLL positions
+a turn, unrolled, so that passing the window on costs no register moves, and loads a turn's rows
+while the turn before computes.
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ MODE_FP, MODE_INT8, MODE_SIM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 MODE_IDS = {"fp": MODE_FP.value, "int8": MODE_INT8.value, "same": MODE_SIM.value, "better": MODE_SIM.value}
 ROUNDING_IDS = {name: index for index, name in enumerate(quant.ROUNDINGS)}
 HALF_AWAY = tl.constexpr(ROUNDING_IDS["half_away"])
-FLT_MAX = tl.constexpr(3.4028234663852886e38)  # x <= FLT_MAX: finite (NaN compares false)
-FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal fp32
-# Scales whose division `_divide` does through the reciprocal (see there); others use div_rn.
-RECIPROCAL_RANGE = (2.0**-100, 2.0**100)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX: finite (NaN compares false)
+SIGN_BIT = tl.constexpr(0x80000000)
+UNROLL = 4  # positions per turn of the kernel's loop, where CHUNK is a multiple of it (else 1)
+# Scales the kernel divides by (see `_divide`); a layer with others runs the PyTorch path.
+SCALE_RANGE = (2.0**-100, 2.0**100)
 COUNT, SUM_ABS_ERR, SUM_SQ_SIGNAL, SUM_SQ_ERR, CLAMPED, NONFINITE, N_SUMS, SLOTS = (
     tl.constexpr(getattr(recorder, name))
     for name in ("COUNT", "SUM_ABS_ERR", "SUM_SQ_SIGNAL", "SUM_SQ_ERR", "CLAMPED", "NONFINITE", "N_SUMS", "SLOTS")
@@ -62,9 +67,9 @@ COUNT, SUM_ABS_ERR, SUM_SQ_SIGNAL, SUM_SQ_ERR, CLAMPED, NONFINITE, N_SUMS, SLOTS
 
 def conv_silu_triton(x, weight, bias, spec, scales, observer=None, left_context=None, mask=None, config=None):
     """`quant.conv_silu` on CUDA, or None where the PyTorch path must run: no CUDA, a conv width
-    other than 4, a quantized mode without scales (the PyTorch path raises the error), an
-    observer that wants the full tensors (the recorder's snapshot batch, or a plain callable),
-    or an observer counting other positions than `mask` marks.
+    other than 4, a quantized mode without scales (the PyTorch path raises the error) or with a
+    scale outside SCALE_RANGE, an observer that wants the full tensors (the recorder's snapshot
+    batch, or a plain callable), or an observer counting other positions than `mask` marks.
     `config` (BLOCK_D, GROUP, CHUNK, num_warps) overrides the launch heuristic (benchmarks).
     """
     if not _can_run(x, weight, spec, scales, observer, left_context, mask):
@@ -81,7 +86,7 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
     if out.numel() == 0:
         return out
     stats = observer is not None
-    block_d, group, chunk, warps = config or launch_config(batch, length, channels, stats)
+    block_d, group, chunk, warps = config or launch_config(batch, length, channels)
     params = kernel_parameters(spec, scales)
     context = left_context if left_context is not None else x  # x: a placeholder never read
     zero_padding = mask is not None
@@ -98,10 +103,10 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
         observer.sums if stats else out, observer.maxes if stats else out,
         length, channels,
         *params["scalars"],
-        MODE=params["mode"], ROUNDING=params["rounding"], CLAMP=params["clamp"], RECIPROCAL=params["reciprocal"],
+        MODE=params["mode"], ROUNDING=params["rounding"], CLAMP=params["clamp"],
         HAS_CONTEXT=left_context is not None, HAS_MASK=mask is not None, ZERO_PADDING=zero_padding, STATS=stats,
-        BLOCK_D=block_d, GROUP=group, CHUNK=chunk,
-        num_warps=warps,
+        BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=UNROLL if chunk % UNROLL == 0 else 1,
+        num_warps=warps, enable_reflect_ftz=False,
     )  # fmt: skip
     return out
 
@@ -112,21 +117,22 @@ def _can_run(x, weight, spec, scales, observer, left_context, mask) -> bool:
     observed = getattr(observer, "mask", None)
     if mask is not None and observed is not None and observed is not mask:
         return False
-    if spec.quantized and scales is None:
+    if spec.quantized and (scales is None or not kernel_parameters(spec, scales)["scales_in_range"]):
         return False
     if left_context is not None and tuple(left_context.shape) != (x.shape[0], TAPS.value - 1, x.shape[2]):
         return False
     return observer is None or not getattr(observer, "wants_values", True)
 
 
-def launch_config(batch: int, length: int, channels: int, stats: bool = False) -> tuple[int, int, int, int]:
+def launch_config(batch: int, length: int, channels: int) -> tuple[int, int, int, int]:
     """(BLOCK_D, GROUP, CHUNK, num_warps): chunks long enough that the K-1 re-read inputs per chunk
     cost little, and enough programs to fill the GPU. Few distinct values, to bound compilations.
-    With statistics, half the rows per step (and twice the programs): every row holds five
-    per-value accumulators in registers, and eight rows would cut the GPU's occupancy by half.
+    The same with and without statistics, so that recording changes nothing but the statistics'
+    own work (four rows per step were the fastest of the configurations measured for both, see
+    docs/BENCHMARKS.md).
     """
-    chunk = 1 if length <= 4 else 8 if length <= 64 else 16 if length <= 512 else 32
-    group = min(4 if stats else 8, triton.next_power_of_2(triton.cdiv(length, chunk)))
+    chunk = 1 if length <= UNROLL else 8 if length <= 64 else 16 if length <= 512 else 32
+    group = min(4, triton.next_power_of_2(triton.cdiv(length, chunk)))
     return 128, group, chunk, 4
 
 
@@ -134,10 +140,11 @@ def launch_config(batch: int, length: int, channels: int, stats: bool = False) -
 def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]) -> dict:
     """The kernel's mode ids and fp32 scalars, all taken from quant.py's definitions:
     (in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi) and the correctly rounded
-    reciprocals of the four quantization scales (in, weight, bias, out)."""
+    reciprocals of the four quantization scales (in, weight, bias, out); whether every scale is in
+    SCALE_RANGE."""
     if not spec.quantized:
         scalars = (1.0,) * 5 + (0.0, 0.0) + (1.0,) * 4
-        return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "clamp": False, "reciprocal": False, "scalars": scalars}
+        return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "clamp": False, "scales_in_range": True, "scalars": scalars}
     s_x, s_w, s_b = (_fp32(value) for value in (scales.input, scales.weight, scales.bias))
     acc_scale = _fp32(np.float32(s_w) * np.float32(s_x))  # quant: fp32(s_w) * fp32(s_x), in fp32
     s_y = _fp32(spec.effective_scale(scales.output))
@@ -148,7 +155,7 @@ def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]
         "mode": MODE_IDS[spec.mode],
         "rounding": ROUNDING_IDS[spec.output_rounding],
         "clamp": code_range is not None,
-        "reciprocal": all(RECIPROCAL_RANGE[0] <= scale <= RECIPROCAL_RANGE[1] for scale in divisors),
+        "scales_in_range": all(SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] for scale in divisors),
         "scalars": (s_x, s_w, s_b, acc_scale, s_y, lo, hi) + tuple(_reciprocal(scale) for scale in divisors),
     }
 
@@ -169,76 +176,85 @@ def _reciprocal(scale: float) -> float:
 
 
 @triton.jit
-def _round_half_away(t):
-    # quant.round_half_away: trunc and the exact fraction (floor(|t| + 0.5) fails below .5 ties).
-    whole = libdevice.trunc(t)
-    fraction = t - whole
-    step = tl.where(t < 0, -1.0, 1.0)
-    return whole + tl.where(tl.abs(fraction) >= 0.5, step, 0.0)
+def _round_half_away(q):
+    """quant.round_half_away(q), bit for bit: floor(|q| + 1/2) with the sign of q + 0.0.
+
+    The sum is rounded toward zero, so it reaches the next integer only where the exact sum does
+    (rounded to nearest, 0.5 - 2**-25 + 0.5 would give 1); |q| >= 2**23 and inf come out as they
+    are. The sign is that of trunc's formula on the CPU: negative codes and -0.0 for q in (-1/2, 0),
+    but +0.0 for q = -0.0 (q + 0.0 is +0.0 there and q anywhere else).
+    """
+    magnitude = tl.floor(libdevice.add_rz(tl.abs(q), 0.5))
+    sign = (q + 0.0).to(tl.uint32, bitcast=True) & SIGN_BIT
+    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _round(t, ROUNDING: tl.constexpr):
+def _round(q, ROUNDING: tl.constexpr):
     if ROUNDING == HALF_AWAY:
-        return _round_half_away(t)
+        return _round_half_away(q)
     else:
-        return libdevice.rint(t)  # quant.round_half_even: torch.round rounds half to even
+        return libdevice.rint(q)  # quant.round_half_even: torch.round rounds half to even
 
 
 @triton.jit
 def _clamp(t, lo, hi):
-    # torch.clamp keeps NaN; min/max instructions would drop it.
-    return tl.where(t < lo, lo, tl.where(t > hi, hi, t))
+    # torch.clamp keeps NaN; plain min/max instructions would drop it.
+    return tl.minimum(tl.maximum(t, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _divide(t, scale, reciprocal, RECIPROCAL: tl.constexpr):
-    """RN(t / scale), the quotient torch computes, for a scale in RECIPROCAL_RANGE and its
-    reciprocal y = RN(1 / scale).
+def _divide(t, scale, reciprocal):
+    """RN(t / scale), the quotient torch computes, for a scale in SCALE_RANGE and its reciprocal
+    y = RN(1 / scale).
 
     q0 = RN(t * y) is within 2 ulps of t / scale (y's relative error is below 2**-24). One
-    correction q1 = RN(q0 + RN(t - scale * q0) * y) leaves an error below ulp/2 + 2**-22 ulp, so
-    q1 is one of the two fp32 values around t / scale. For such a q the remainder t - scale * q
-    is exact in an FMA, and RN(q + (t - scale * q) * y) is RN(t / scale) (Markstein's theorem;
+    correction q1 = RN(q0 - RN(scale * q0 - t) * y) leaves an error below ulp/2 + 2**-22 ulp, so
+    q1 is one of the two fp32 values around t / scale. For such a q the remainder scale * q - t
+    is exact in an FMA, and RN(q - (scale * q - t) * y) is RN(t / scale) (Markstein's theorem;
     Muller et al., Handbook of Floating-Point Arithmetic, section on division with an FMA). The
-    theorem assumes no underflow: with the scale in range, the remainder is a multiple of 2**-149
-    wherever |t / scale| >= 1/2, hence exact, and below 1/2 every rounding gives the code 0
-    either way. NaN and infinite t come out as torch's; where t * y overflows, t / scale lies
-    within 2**-24 of FLT_MAX, whose codes clamp alike (only `better` with clamp=none could see
-    inf where torch has FLT_MAX).
+    remainders are taken as scale * q - t rather than t - scale * q so that a zero keeps its sign
+    (-0.0 - (+0.0) * y is -0.0, where t - scale * q would give +0.0 - 0.0 = +0.0).
+    The theorem assumes no underflow: with the scale in range, the remainder is a multiple of
+    2**-149 wherever |t / scale| >= 1/2, hence exact; a smaller quotient may be off in its last
+    subnormal bits, but its code is a zero of the same sign either way (unless t / scale is within
+    an ulp of 2**-150, which no fp16 input and no SiLU output reaches). NaN and infinite t give
+    q0, where the corrections would make NaN of inf. Where t * y overflows, t / scale lies within
+    2**-24 of FLT_MAX, whose codes clamp alike (only `better` with clamp=none could see inf where
+    torch has FLT_MAX).
     """
-    if RECIPROCAL:
-        q0 = libdevice.mul_rn(t, reciprocal)
-        q1 = libdevice.fma(libdevice.fma(-q0, scale, t), reciprocal, q0)
-        q2 = libdevice.fma(libdevice.fma(-q1, scale, t), reciprocal, q1)
-        return tl.where((tl.abs(q0) >= FLT_MIN) & (tl.abs(q0) <= FLT_MAX), q2, q0)
-    else:
-        return libdevice.div_rn(t, scale)
+    minus_reciprocal = -reciprocal  # a scalar: negating a tensor costs an instruction per value
+    minus_t = t * -1.0  # folded into the FMAs (0.0 - t, Triton's -t, is an instruction, and +0.0 at t = +0.0)
+    q0 = libdevice.mul_rn(t, reciprocal)
+    q1 = libdevice.fma(libdevice.fma(q0, scale, minus_t), minus_reciprocal, q0)
+    q2 = libdevice.fma(libdevice.fma(q1, scale, minus_t), minus_reciprocal, q1)
+    return tl.where(tl.abs(q0) <= FLT_MAX, q2, q0)
 
 
 @triton.jit
-def _operand_codes(t, scale, reciprocal, RECIPROCAL: tl.constexpr):
+def _operand_codes(t, scale, reciprocal):
     """quant.quantize_operands: clamp(round_half_away(t / scale), -128, 127)."""
-    return _clamp(_round_half_away(_divide(t, scale, reciprocal, RECIPROCAL)), -128.0, 127.0)
+    return _clamp(_round_half_away(_divide(t, scale, reciprocal)), -128.0, 127.0)
 
 
 @triton.jit
 def _silu(v):
-    """quant.silu: v / (1 + exp(-v))."""
-    return libdevice.div_rn(v, libdevice.add_rn(1.0, libdevice.exp(-v)))
+    """quant.silu: v / (1 + exp(-v)). (v * -1.0 is -v, which the compiler folds into exp's first
+    instruction; Triton's -v is 0.0 - v, one more instruction per value.)"""
+    return libdevice.div_rn(v, libdevice.add_rn(1.0, libdevice.exp(v * -1.0)))
 
 
 @triton.jit
-def _conv_operand(raw, scale, reciprocal, MODE: tl.constexpr, RECIPROCAL: tl.constexpr):
+def _conv_operand(raw, scale, reciprocal, MODE: tl.constexpr):
     """A conv operand (input or weight) as the mode sees it: the value (fp), its int8 code
     (int8), or the code dequantized (same/better)."""
     value = raw.to(tl.float32)
     if MODE == MODE_FP:
         return value
     elif MODE == MODE_INT8:
-        return _operand_codes(value, scale, reciprocal, RECIPROCAL)
+        return _operand_codes(value, scale, reciprocal)
     else:
-        return libdevice.mul_rn(_operand_codes(value, scale, reciprocal, RECIPROCAL), scale)
+        return libdevice.mul_rn(_operand_codes(value, scale, reciprocal), scale)
 
 
 @triton.jit
@@ -264,19 +280,19 @@ def _preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE: t
 
 @triton.jit
 def _weight_operand(
-    w_ptr, sw_d, sw_k, d, d_ok, k: tl.constexpr, weight_scale, weight_reciprocal, MODE: tl.constexpr, RECIPROCAL: tl.constexpr
+    w_ptr, sw_d, sw_k, d, d_ok, k: tl.constexpr, weight_scale, weight_reciprocal, MODE: tl.constexpr
 ):
     w = tl.load(w_ptr + d * sw_d + k * sw_k, mask=d_ok, other=0.0)
-    return _conv_operand(w, weight_scale, weight_reciprocal, MODE, RECIPROCAL)
+    return _conv_operand(w, weight_scale, weight_reciprocal, MODE)
 
 
 @triton.jit
-def _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE: tl.constexpr, RECIPROCAL: tl.constexpr):
+def _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE: tl.constexpr):
     b = tl.load(b_ptr + d * sb_d, mask=d_ok, other=0.0).to(tl.float32)
     if MODE == MODE_FP:
         return b
     else:
-        return libdevice.mul_rn(_operand_codes(b, bias_scale, bias_reciprocal, RECIPROCAL), bias_scale)
+        return libdevice.mul_rn(_operand_codes(b, bias_scale, bias_reciprocal), bias_scale)
 
 
 # ------------------------------------------------------------------ the kernel
@@ -287,6 +303,16 @@ def _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, t, d, d_ok, length):
     """x[batch, t, d] for a (GROUP,) vector of positions t >= 0; zeros past the end."""
     offsets = batch * sx_b + t[:, None].to(tl.int64) * sx_l + d[None, :] * sx_d
     return tl.load(x_ptr + offsets, mask=(t < length)[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, first, d, d_ok, length, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    """The UNROLL rows of positions starts + first + step, as a tuple; none past the chunk."""
+    rows = ()
+    for step in tl.static_range(UNROLL):
+        t = tl.where(first + step < CHUNK, starts + (first + step), length)
+        rows = rows + (_load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, t, d, d_ok, length),)
+    return rows
 
 
 @triton.jit
@@ -310,13 +336,24 @@ def _load_window_start(
 
 @triton.jit
 def _load_real(mask_ptr, sm_b, sm_l, batch, t, length, HAS_MASK: tl.constexpr):
-    """(GROUP,) whether position t is a real token (mask != 0) inside the sequence."""
+    """Whether position t (a tensor of positions) is a real token (mask != 0) inside the sequence."""
     inside = t < length
     if HAS_MASK:
         flags = tl.load(mask_ptr + batch * sm_b + t.to(tl.int64) * sm_l, mask=inside, other=0)
         return inside & (flags != 0)
     else:
         return inside
+
+
+@triton.jit
+def _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr):
+    """(GROUP,) int32: bit s of a row says whether position starts + s is real. Read once, so
+    that the loop loads no mask (row by row: a 2-D tile would take another register layout,
+    and the loop would convert every step's flags back through shared memory)."""
+    bits = tl.zeros_like(starts)
+    for step in tl.static_range(CHUNK):
+        bits |= _load_real(mask_ptr, sm_b, sm_l, batch, starts + step, length, HAS_MASK).to(tl.int32) << step
+    return bits
 
 
 @triton.jit(do_not_specialize=["length"])
@@ -331,98 +368,100 @@ def _conv_silu_kernel(
     length, channels,
     in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi,
     in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
-    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr, RECIPROCAL: tl.constexpr,
+    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
-    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
     batch = tl.program_id(2).to(tl.int64)
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < channels
     starts = (tl.program_id(1) * GROUP + tl.arange(0, GROUP)) * CHUNK
 
-    w0 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 0, weight_scale, weight_reciprocal, MODE, RECIPROCAL)[None, :]
-    w1 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 1, weight_scale, weight_reciprocal, MODE, RECIPROCAL)[None, :]
-    w2 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 2, weight_scale, weight_reciprocal, MODE, RECIPROCAL)[None, :]
-    w3 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 3, weight_scale, weight_reciprocal, MODE, RECIPROCAL)[None, :]
-    bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE, RECIPROCAL)[None, :]
+    w0 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 0, weight_scale, weight_reciprocal, MODE)[None, :]
+    w1 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 1, weight_scale, weight_reciprocal, MODE)[None, :]
+    w2 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 2, weight_scale, weight_reciprocal, MODE)[None, :]
+    w3 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 3, weight_scale, weight_reciprocal, MODE)[None, :]
+    bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE)[None, :]
 
     x0 = _conv_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 3, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE, RECIPROCAL,
+        in_scale, in_reciprocal, MODE,
     )  # fmt: skip
     x1 = _conv_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 2, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE, RECIPROCAL,
+        in_scale, in_reciprocal, MODE,
     )  # fmt: skip
     x2 = _conv_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 1, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE, RECIPROCAL,
+        in_scale, in_reciprocal, MODE,
     )  # fmt: skip
 
     # Statistics: five per-value accumulators (registers are what limits this kernel's occupancy).
-    # Real positions are counted per row; the non-finite and the clamped counts share one
-    # accumulator, as nonfinite * (CHUNK + 1) + clamped: both are integers of at most CHUNK, so
-    # trunc(flags / (CHUNK + 1)) is nonfinite (the fraction is at most CHUNK / (CHUNK + 1)).
+    # Real positions are counted from the mask. `tallies` holds two counts of at most CHUNK each, exactly:
+    # counted + (CHUNK + 1) * clamped, so trunc(tallies / (CHUNK + 1)) is the clamped count.
     zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
-    sum_abs, sum_signal, sum_sq, max_err, flags = zeros, zeros, zeros, zeros, zeros
-    real_steps = tl.zeros((GROUP,), dtype=tl.float32)
-    raw = _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, starts, d, d_ok, length)
-    real = _load_real(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK)
-    for step in range(CHUNK):
-        t = starts + step
-        # Load the next position before computing this one, so that its latency overlaps.
-        ahead = tl.where(step + 1 < CHUNK, t + 1, length)
-        raw_next = _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, ahead, d, d_ok, length)
-        real_next = _load_real(mask_ptr, sm_b, sm_l, batch, ahead, length, HAS_MASK)
-
-        if ZERO_PADDING:
-            x3 = _conv_operand(tl.where(real[:, None], raw, 0.0), in_scale, in_reciprocal, MODE, RECIPROCAL)
-        else:
-            x3 = _conv_operand(raw, in_scale, in_reciprocal, MODE, RECIPROCAL)
-        before = _silu(_preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE))
-        if MODE == MODE_FP:
-            after = before
-        else:
-            rounded = _round(_divide(before, out_scale, out_reciprocal, RECIPROCAL), ROUNDING)
-            if CLAMP:
-                codes = _clamp(rounded, lo, hi)
+    sum_abs, sum_signal, sum_sq, max_err, tallies = zeros, zeros, zeros, zeros, zeros
+    real_bits = _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK, CHUNK)
+    rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, 0, d, d_ok, length, CHUNK, UNROLL)
+    for turn in range(0, CHUNK, UNROLL):
+        # The next turn's rows are loaded before this turn's are computed: their latency overlaps.
+        next_rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, turn + UNROLL, d, d_ok, length, CHUNK, UNROLL)
+        for step in tl.static_range(UNROLL):
+            t = starts + (turn + step)
+            real = ((real_bits[:, None] >> (turn + step)) & 1) != 0  # (GROUP, 1)
+            raw = rows[step]
+            if ZERO_PADDING:
+                x3 = _conv_operand(tl.where(real, raw, 0.0), in_scale, in_reciprocal, MODE)
             else:
-                codes = rounded
-            after = libdevice.mul_rn(codes, out_scale)
-        offsets = batch * so_b + t[:, None].to(tl.int64) * so_l + d[None, :] * so_d
-        in_sequence = (t < length)[:, None] & d_ok[None, :]
-        if ZERO_PADDING:
-            tl.store(out_ptr + offsets, tl.where(real[:, None], after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
-        else:
-            tl.store(out_ptr + offsets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
+                x3 = _conv_operand(raw, in_scale, in_reciprocal, MODE)
+            before = _silu(_preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE))
+            if MODE == MODE_FP:
+                after = before
+            else:
+                rounded = _round(_divide(before, out_scale, out_reciprocal), ROUNDING)
+                if CLAMP:
+                    codes = _clamp(rounded, lo, hi)
+                else:
+                    codes = rounded
+                after = libdevice.mul_rn(codes, out_scale)
+            offsets = batch * so_b + t[:, None].to(tl.int64) * so_l + d[None, :] * so_d
+            in_sequence = (t < length)[:, None] & d_ok[None, :]
+            if ZERO_PADDING:
+                tl.store(out_ptr + offsets, tl.where(real, after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
+            else:
+                tl.store(out_ptr + offsets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
 
-        if STATS:
-            # recorder.LayerObserver's statistics: errors over real positions whose error is finite.
-            error = tl.abs(after - before)
-            in_range = real[:, None] & d_ok[None, :]
-            valid = in_range & (error <= FLT_MAX)
-            real_steps += real.to(tl.float32)
-            sum_abs += tl.where(valid, error, 0.0)
-            sum_signal += tl.where(valid, before * before, 0.0)
-            sum_sq += tl.where(valid, error * error, 0.0)
-            max_err = tl.maximum(max_err, tl.where(valid, error, 0.0))
-            flags += tl.where(in_range & ~valid, CHUNK + 1.0, 0.0)
-            if CLAMP:
-                flags += (valid & (codes != rounded)).to(tl.float32)
+            if STATS:
+                # recorder.LayerObserver's statistics: errors over real positions whose error is finite.
+                error = after - before
+                counted = (real & d_ok[None, :]) & (tl.abs(error) <= FLT_MAX)
+                error = tl.where(counted, error, 0.0)
+                signal = tl.where(counted, before, 0.0)
+                sum_abs += tl.abs(error)
+                sum_signal += signal * signal
+                sum_sq += error * error
+                max_err = tl.maximum(max_err, tl.abs(error))
+                if CLAMP:
+                    tallies += tl.where(counted, tl.where(codes != rounded, CHUNK + 2.0, 1.0), 0.0)
+                else:
+                    tallies += counted.to(tl.float32)
 
-        x0, x1, x2 = x1, x2, x3
-        raw, real = raw_next, real_next
+            x0, x1, x2 = x1, x2, x3
+        rows = next_rows
 
     if STATS:
-        nonfinite = libdevice.trunc(flags / (CHUNK + 1.0))
-        n_nonfinite = tl.sum(nonfinite.to(tl.float64))
-        n_real = tl.sum(real_steps.to(tl.float64)) * tl.sum(d_ok.to(tl.float64))
+        # Sums of a program's values in fp32 (counts are exact: below 2**24), accumulated in fp64.
+        clamped = libdevice.trunc(tallies / (CHUNK + 1.0))
+        n_counted = tl.sum(tallies - clamped * (CHUNK + 1.0))
+        n_real = tl.sum(libdevice.popc(real_bits).to(tl.float32)) * tl.sum(d_ok.to(tl.float32))
         slot = (tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * batch)) % SLOTS
         row = sums_ptr + slot * N_SUMS  # the recorder's partial rows (recorder.SLOTS)
-        tl.atomic_add(row + COUNT, n_real - n_nonfinite)
-        tl.atomic_add(row + SUM_ABS_ERR, tl.sum(sum_abs.to(tl.float64)))
-        tl.atomic_add(row + SUM_SQ_SIGNAL, tl.sum(sum_signal.to(tl.float64)))
-        tl.atomic_add(row + SUM_SQ_ERR, tl.sum(sum_sq.to(tl.float64)))
-        tl.atomic_add(row + CLAMPED, tl.sum((flags - nonfinite * (CHUNK + 1.0)).to(tl.float64)))
-        tl.atomic_add(row + NONFINITE, n_nonfinite)
-        tl.atomic_max(maxes_ptr + slot, tl.max(max_err))
+        # Relaxed: nothing is read back before the stream ends, and Triton's default (acq_rel)
+        # makes every program wait for its stores and each atomic's round trip, one after another.
+        tl.atomic_add(row + COUNT, n_counted.to(tl.float64), sem="relaxed")
+        tl.atomic_add(row + SUM_ABS_ERR, tl.sum(sum_abs).to(tl.float64), sem="relaxed")
+        tl.atomic_add(row + SUM_SQ_SIGNAL, tl.sum(sum_signal).to(tl.float64), sem="relaxed")
+        tl.atomic_add(row + SUM_SQ_ERR, tl.sum(sum_sq).to(tl.float64), sem="relaxed")
+        tl.atomic_add(row + CLAMPED, tl.sum(clamped).to(tl.float64), sem="relaxed")
+        tl.atomic_add(row + NONFINITE, (n_real - n_counted).to(tl.float64), sem="relaxed")
+        tl.atomic_max(maxes_ptr + slot, tl.max(max_err), sem="relaxed")
