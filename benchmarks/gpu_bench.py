@@ -43,7 +43,8 @@ from lm_eval_floatsim.recorder import Recorder  # noqa: E402
 MODES = ("fp", "int8", "same", "better")
 SPECS = {mode: QuantSpec(mode) for mode in MODES}
 SECTIONS = ("env", "model", "conv", "scan", "codes")
-CONV_CONFIGS = [(128, 8, 32, 4), (64, 8, 32, 2), (256, 4, 32, 4), (128, 4, 64, 4), (128, 16, 16, 8), (64, 4, 16, 1)]
+CONV_CONFIGS = [(128, 4, 32, 4), (128, 8, 32, 4), (64, 4, 32, 2), (256, 2, 32, 4), (128, 2, 32, 4), (256, 4, 32, 8)]
+# (BLOCK_D, GROUP, CHUNK, num_warps)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,20 +134,6 @@ def mamba_ssm_scan_instead():
     return mock.patch.object(selective_scan, "fused_selective_scan", declines)
 
 
-@contextlib.contextmanager
-def division_by_div_rn():
-    """The conv kernel dividing by its scales with div_rn instead of the reciprocal and FMAs
-    (the same quotients, the cost of the plain way)."""
-    from lm_eval_floatsim.kernels import conv_silu_triton as module
-
-    module.kernel_parameters.cache_clear()
-    try:
-        with mock.patch.object(module, "RECIPROCAL_RANGE", (math.inf, math.inf)):
-            yield
-    finally:
-        module.kernel_parameters.cache_clear()
-
-
 def statistics_only(n_layer, device) -> Recorder:
     """A Recorder past its snapshot batch: observers only accumulate statistics."""
     recorder = Recorder(n_layer, device=device)
@@ -222,14 +209,16 @@ def section_conv(args, device, results):
         rows.append({"name": name, "ms": ms, "gbs": bytes_moved / ms / 1e6, "of_copy": floor / ms, "config": config})
         print(rows[-1], flush=True)
 
-    default = launch_config(batch, length, channels)
-    for config in [default] + [c for c in CONV_CONFIGS if c != default]:
-        run = lambda: conv_silu_triton(x, w, b, SPECS["int8"], scales, config=config)
-        add("int8 kernel", timed_ms(run, device, args.iters), list(config))
+    for mode, stats in (("int8", False), ("same", False), ("same", True)):
+        default = launch_config(batch, length, channels)
+        for config in [default] + [c for c in CONV_CONFIGS if c != default]:
+            observer = statistics_only(1, device).layer(0, None) if stats else None
+            run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
+            add(f"{mode} kernel{' + statistics' if stats else ''}", timed_ms(run, device, args.iters), list(config))
     for mode in MODES:
         for stats in (False, True):
             observer = statistics_only(1, device).layer(0, None) if stats else None
-            config = launch_config(batch, length, channels, stats)  # what the model runs
+            config = launch_config(batch, length, channels)  # what the model runs
             run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer)
             add(f"{mode} kernel{' + statistics' if stats else ''}", timed_ms(run, device, args.iters), list(config))
     small = conv_case(args.batch, args.length, channels, device)
@@ -237,13 +226,9 @@ def section_conv(args, device, results):
         for stats in (False, True):
             observer = statistics_only(1, device).layer(0, None) if stats else None
             run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer)
-            config = launch_config(args.batch, args.length, channels, stats)
+            config = launch_config(args.batch, args.length, channels)
             name = f"{mode} kernel{' + statistics' if stats else ''}, B={args.batch} L={args.length} (the model's batch)"
             add(name, timed_ms(run, device, args.iters), list(config), 2 * small[0].numel() * small[0].element_size())
-    with division_by_div_rn():
-        for mode in ("int8", "better"):
-            run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales)
-            add(f"{mode} kernel, scales divided by div_rn", timed_ms(run, device, args.iters), list(default))
     with pytorch_conv():
         add("int8 PyTorch path", timed_ms(lambda: conv_silu(x, w, b, SPECS["int8"], scales), device, 5, 1))
     with contextlib.suppress(ImportError):

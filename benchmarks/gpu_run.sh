@@ -14,7 +14,7 @@ case $1 in
     source .device/a/setup.sh mamba_ssm causal_conv1d || exit 2
     export PYTHONPATH=$PWD:$PYTHONPATH
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
-    timeout 150 python3 -m pytest -q -rs -s -k "not interpreter" tests/test_kernels.py 2>&1 | tee "$out/pytest_kernels.log"
+    timeout 150 python3 -m pytest -q -rs -s -k "not interpreter" tests/test_kernels.py tests/test_fast_path.py 2>&1 | tee "$out/pytest_kernels.log"
     timeout 400 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
     ;;
   lm_eval)
@@ -27,7 +27,7 @@ case $1 in
     source .device/b/setup.sh wheels mamba_ssm || exit 2
     export PYTHONPATH=$PWD:$PYTHONPATH
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
-    timeout 120 python3 -m pytest -q -rs -s -k "not interpreter" tests/test_kernels.py 2>&1 | tee "$out/pytest_kernels.log"
+    timeout 120 python3 -m pytest -q -rs -s -k "not interpreter" tests/test_kernels.py tests/test_fast_path.py 2>&1 | tee "$out/pytest_kernels.log"
     timeout 240 python3 benchmarks/gpu_bench.py --out "$out" --iters 15 2>&1 | tee "$out/gpu_bench.log"
     timeout 180 python3 benchmarks/gpu_lm_eval.py bench --out "$out" --docs 2000 2>&1 | tee "$out/gpu_lm_eval.log"
     ;;
