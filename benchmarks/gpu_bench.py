@@ -43,8 +43,8 @@ from lm_eval_floatsim.recorder import Recorder  # noqa: E402
 MODES = ("fp", "int8", "same", "better")
 SPECS = {mode: QuantSpec(mode) for mode in MODES}
 SECTIONS = ("env", "model", "conv", "scan", "codes")
+# (BLOCK_D, GROUP, CHUNK, num_warps) of the conv section's configuration sweep
 CONV_CONFIGS = [(128, 4, 32, 4), (128, 8, 32, 4), (64, 4, 32, 2), (256, 2, 32, 4), (128, 2, 32, 4), (256, 4, 32, 8)]
-# (BLOCK_D, GROUP, CHUNK, num_warps)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -464,7 +464,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from lm_eval_floatsim.kernels.conv_silu_triton import ROUNDING_IDS, _divide, _round
+    from lm_eval_floatsim.kernels.conv_silu_triton import COMPILE_OPTIONS, ROUNDING_IDS, _divide, _round
 
     @triton.jit
     def _round_kernel(q_ptr, out_ptr, n, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
@@ -475,7 +475,7 @@ if HAS_TRITON:
     def round_in_kernel(q, rounding):
         out = torch.empty_like(q)
         _round_kernel[(triton.cdiv(q.numel(), 1024),)](q, out, q.numel(), ROUNDING=ROUNDING_IDS[rounding], BLOCK=1024,
-                                                       **({} if q.device.type == "cpu" else {"enable_reflect_ftz": False}))
+                                                       **COMPILE_OPTIONS)
         return out
 
     @triton.jit
@@ -496,7 +496,7 @@ def test_gpu_division_through_the_reciprocal_is_torchs_division():
         t = torch.from_numpy(division_cases(np.float32(scale), rng)).cuda()
         got = torch.empty_like(t)
         reciprocal = float(np.float32(1) / np.float32(scale))
-        _divide_kernel[(triton.cdiv(t.numel(), 1024),)](t, got, t.numel(), scale, reciprocal, BLOCK=1024)
+        _divide_kernel[(triton.cdiv(t.numel(), 1024),)](t, got, t.numel(), scale, reciprocal, BLOCK=1024, **COMPILE_OPTIONS)
         want = t / torch.tensor(scale, dtype=torch.float32, device="cuda")
         got, want = got.cpu().numpy(), want.cpu().numpy()
         tiny = np.abs(want) < 2.0**-60  # code 0 either way (see the CPU test)

@@ -56,6 +56,9 @@ ROUNDING_IDS = {name: index for index, name in enumerate(quant.ROUNDINGS)}
 HALF_AWAY = tl.constexpr(ROUNDING_IDS["half_away"])
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX: finite (NaN compares false)
 SIGN_BIT = tl.constexpr(0x80000000)
+# Compile options of every launch: libdevice without flush-to-zero (Triton's default flushes
+# subnormals in mul_rn, add_rn, fma and div_rn, where the CPU keeps them).
+COMPILE_OPTIONS = {"enable_reflect_ftz": False}
 UNROLL = 4  # positions per turn of the kernel's loop, where CHUNK is a multiple of it (else 1)
 # Scales the kernel divides by (see `_divide`); a layer with others runs the PyTorch path.
 SCALE_RANGE = (2.0**-100, 2.0**100)
@@ -106,7 +109,7 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
         MODE=params["mode"], ROUNDING=params["rounding"], CLAMP=params["clamp"],
         HAS_CONTEXT=left_context is not None, HAS_MASK=mask is not None, ZERO_PADDING=zero_padding, STATS=stats,
         BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=UNROLL if chunk % UNROLL == 0 else 1,
-        num_warps=warps, enable_reflect_ftz=False,
+        num_warps=warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return out
 
@@ -397,8 +400,8 @@ def _conv_silu_kernel(
     )  # fmt: skip
 
     # Statistics: five per-value accumulators (registers are what limits this kernel's occupancy).
-    # Real positions are counted from the mask. `tallies` holds two counts of at most CHUNK each, exactly:
-    # counted + (CHUNK + 1) * clamped, so trunc(tallies / (CHUNK + 1)) is the clamped count.
+    # Real positions are counted from the mask. `tallies` holds two counts of at most CHUNK each,
+    # exactly: counted + (CHUNK + 1) * clamped, so trunc(tallies / (CHUNK + 1)) is the clamped count.
     zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
     sum_abs, sum_signal, sum_sq, max_err, tallies = zeros, zeros, zeros, zeros, zeros
     real_bits = _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK, CHUNK)
