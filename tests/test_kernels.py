@@ -464,13 +464,14 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from lm_eval_floatsim.kernels.conv_silu_triton import COMPILE_OPTIONS, ROUNDING_IDS, _divide, _round
+    from lm_eval_floatsim.kernels.conv_silu_triton import COMPILE_OPTIONS, ROUNDING_IDS, _code, _divide
 
     @triton.jit
     def _round_kernel(q_ptr, out_ptr, n, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+        # q / 1 is q (the reciprocal 1 is exact): the codes of q
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
-        tl.store(out_ptr + offsets, _round(tl.load(q_ptr + offsets, mask=inside), ROUNDING), mask=inside)
+        tl.store(out_ptr + offsets, _code(tl.load(q_ptr + offsets, mask=inside), 1.0, 1.0, ROUNDING), mask=inside)
 
     def round_in_kernel(q, rounding):
         out = torch.empty_like(q)
@@ -483,7 +484,7 @@ if HAS_TRITON:
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
         t = tl.load(t_ptr + offsets, mask=inside, other=1.0)
-        tl.store(out_ptr + offsets, _divide(t, scale, reciprocal), mask=inside)
+        tl.store(out_ptr + offsets, _divide(t, scale, reciprocal, False), mask=inside)
 
 
 @cuda_only

@@ -56,10 +56,11 @@ ROUNDING_IDS = {name: index for index, name in enumerate(quant.ROUNDINGS)}
 HALF_AWAY = tl.constexpr(ROUNDING_IDS["half_away"])
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX: finite (NaN compares false)
 SIGN_BIT = tl.constexpr(0x80000000)
+HALF_BITS = tl.constexpr(0x3F000000)  # 0.5
 # Compile options of every launch: libdevice without flush-to-zero (Triton's default flushes
 # subnormals in mul_rn, add_rn, fma and div_rn, where the CPU keeps them).
 COMPILE_OPTIONS = {"enable_reflect_ftz": False}
-UNROLL = 4  # positions per turn of the kernel's loop, where CHUNK is a multiple of it (else 1)
+UNROLL = 2  # positions per turn of the kernel's loop, where CHUNK is a multiple of it (else 1)
 # Scales the kernel divides by (see `_divide`); a layer with others runs the PyTorch path.
 SCALE_RANGE = (2.0**-100, 2.0**100)
 COUNT, SUM_ABS_ERR, SUM_SQ_SIGNAL, SUM_SQ_ERR, CLAMPED, NONFINITE, N_SUMS, SLOTS = (
@@ -179,25 +180,22 @@ def _reciprocal(scale: float) -> float:
 
 
 @triton.jit
-def _round_half_away(q):
-    """quant.round_half_away(q), bit for bit: floor(|q| + 1/2) with the sign of q + 0.0.
+def _code(t, scale, reciprocal, ROUNDING: tl.constexpr):
+    """quant.round_codes(t / scale) bit for bit, signed zeros included: the quotient torch
+    computes (`_divide`), rounded.
 
-    The sum is rounded toward zero, so it reaches the next integer only where the exact sum does
-    (rounded to nearest, 0.5 - 2**-25 + 0.5 would give 1); |q| >= 2**23 and inf come out as they
-    are. The sign is that of trunc's formula on the CPU: negative codes and -0.0 for q in (-1/2, 0),
-    but +0.0 for q = -0.0 (q + 0.0 is +0.0 there and q anywhere else).
+    Half away from zero is floor(|q| + 1/2) with q's sign, as trunc(q + copysign(1/2, q)) with the
+    sum rounded toward zero: it reaches the next integer only where the exact sum does (rounded to
+    nearest, 0.5 - 2**-25 + 0.5 would give 1), and |q| >= 2**23 and inf come out as they are. The
+    CPU's trunc formula gives -0.0 for q in (-1/2, 0) and +0.0 for q = -0.0, which a quotient
+    plus +0.0 gives here too. Half to even is rint, which keeps the quotient's zero.
     """
-    magnitude = tl.floor(libdevice.add_rz(tl.abs(q), 0.5))
-    sign = (q + 0.0).to(tl.uint32, bitcast=True) & SIGN_BIT
-    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round(q, ROUNDING: tl.constexpr):
     if ROUNDING == HALF_AWAY:
-        return _round_half_away(q)
+        q = _divide(t, scale, reciprocal, True)
+        half = ((q.to(tl.uint32, bitcast=True) & SIGN_BIT) | HALF_BITS).to(tl.float32, bitcast=True)
+        return libdevice.trunc(libdevice.add_rz(q, half))
     else:
-        return libdevice.rint(q)  # quant.round_half_even: torch.round rounds half to even
+        return libdevice.rint(_divide(t, scale, reciprocal, False))
 
 
 @triton.jit
@@ -207,17 +205,18 @@ def _clamp(t, lo, hi):
 
 
 @triton.jit
-def _divide(t, scale, reciprocal):
+def _divide(t, scale, reciprocal, POSITIVE_ZERO: tl.constexpr):
     """RN(t / scale), the quotient torch computes, for a scale in SCALE_RANGE and its reciprocal
-    y = RN(1 / scale).
+    y = RN(1 / scale); with POSITIVE_ZERO, RN(t / scale) + 0.0 (a -0.0 quotient is +0.0), at no
+    cost: +0.0 is the first product's addend.
 
     q0 = RN(t * y) is within 2 ulps of t / scale (y's relative error is below 2**-24). One
     correction q1 = RN(q0 - RN(scale * q0 - t) * y) leaves an error below ulp/2 + 2**-22 ulp, so
     q1 is one of the two fp32 values around t / scale. For such a q the remainder scale * q - t
     is exact in an FMA, and RN(q - (scale * q - t) * y) is RN(t / scale) (Markstein's theorem;
     Muller et al., Handbook of Floating-Point Arithmetic, section on division with an FMA). The
-    remainders are taken as scale * q - t rather than t - scale * q so that a zero keeps its sign
-    (-0.0 - (+0.0) * y is -0.0, where t - scale * q would give +0.0 - 0.0 = +0.0).
+    remainders are taken as scale * q - t rather than t - scale * q so that a zero quotient keeps
+    q0's sign (-0.0 - (+0.0) * y is -0.0, where t - scale * q would give +0.0 - 0.0 = +0.0).
     The theorem assumes no underflow: with the scale in range, the remainder is a multiple of
     2**-149 wherever |t / scale| >= 1/2, hence exact; a smaller quotient may be off in its last
     subnormal bits, but its code is a zero of the same sign either way (unless t / scale is within
@@ -228,7 +227,10 @@ def _divide(t, scale, reciprocal):
     """
     minus_reciprocal = -reciprocal  # a scalar: negating a tensor costs an instruction per value
     minus_t = t * -1.0  # folded into the FMAs (0.0 - t, Triton's -t, is an instruction, and +0.0 at t = +0.0)
-    q0 = libdevice.mul_rn(t, reciprocal)
+    if POSITIVE_ZERO:
+        q0 = libdevice.fma(t, reciprocal, 0.0)
+    else:
+        q0 = libdevice.mul_rn(t, reciprocal)
     q1 = libdevice.fma(libdevice.fma(q0, scale, minus_t), minus_reciprocal, q0)
     q2 = libdevice.fma(libdevice.fma(q1, scale, minus_t), minus_reciprocal, q1)
     return tl.where(tl.abs(q0) <= FLT_MAX, q2, q0)
@@ -237,7 +239,7 @@ def _divide(t, scale, reciprocal):
 @triton.jit
 def _operand_codes(t, scale, reciprocal):
     """quant.quantize_operands: clamp(round_half_away(t / scale), -128, 127)."""
-    return _clamp(_round_half_away(_divide(t, scale, reciprocal)), -128.0, 127.0)
+    return _clamp(_code(t, scale, reciprocal, HALF_AWAY), -128.0, 127.0)
 
 
 @triton.jit
@@ -350,13 +352,14 @@ def _load_real(mask_ptr, sm_b, sm_l, batch, t, length, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr):
-    """(GROUP,) int32: bit s of a row says whether position starts + s is real. Read once, so
-    that the loop loads no mask (row by row: a 2-D tile would take another register layout,
-    and the loop would convert every step's flags back through shared memory)."""
-    bits = tl.zeros_like(starts)
-    for step in tl.static_range(CHUNK):
-        bits |= _load_real(mask_ptr, sm_b, sm_l, batch, starts + step, length, HAS_MASK).to(tl.int32) << step
-    return bits
+    """(GROUP,) int32: bit s says whether position starts + s of the row is real. Read once, as
+    one (GROUP, CHUNK) tile, so that the loop loads no mask. (A load per position kept CHUNK
+    loads in flight at the kernel's start: some 120 registers more, and half the occupancy. The
+    tile's reduction leaves the bits in another register layout than the loop's, which costs a
+    (GROUP, 1) conversion through shared memory at some steps: far less, measured.)"""
+    steps = tl.arange(0, CHUNK)
+    real = _load_real(mask_ptr, sm_b, sm_l, batch, starts[:, None] + steps[None, :], length, HAS_MASK)
+    return tl.sum(real.to(tl.int32) << steps[None, :], axis=1)  # disjoint bits: the sum is their OR
 
 
 @triton.jit(do_not_specialize=["length"])
@@ -405,13 +408,14 @@ def _conv_silu_kernel(
     zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
     sum_abs, sum_signal, sum_sq, max_err, tallies = zeros, zeros, zeros, zeros, zeros
     real_bits = _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK, CHUNK)
+    pending_bits = real_bits  # shifted by a turn at each turn: bit `step` is this turn's step
     rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, 0, d, d_ok, length, CHUNK, UNROLL)
     for turn in range(0, CHUNK, UNROLL):
         # The next turn's rows are loaded before this turn's are computed: their latency overlaps.
         next_rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, turn + UNROLL, d, d_ok, length, CHUNK, UNROLL)
         for step in tl.static_range(UNROLL):
             t = starts + (turn + step)
-            real = ((real_bits[:, None] >> (turn + step)) & 1) != 0  # (GROUP, 1)
+            real = ((pending_bits[:, None] >> step) & 1) != 0
             raw = rows[step]
             if ZERO_PADDING:
                 x3 = _conv_operand(tl.where(real, raw, 0.0), in_scale, in_reciprocal, MODE)
@@ -421,7 +425,7 @@ def _conv_silu_kernel(
             if MODE == MODE_FP:
                 after = before
             else:
-                rounded = _round(_divide(before, out_scale, out_reciprocal), ROUNDING)
+                rounded = _code(before, out_scale, out_reciprocal, ROUNDING)
                 if CLAMP:
                     codes = _clamp(rounded, lo, hi)
                 else:
@@ -451,6 +455,7 @@ def _conv_silu_kernel(
 
             x0, x1, x2 = x1, x2, x3
         rows = next_rows
+        pending_bits >>= UNROLL
 
     if STATS:
         # Sums of a program's values in fp32 (counts are exact: below 2**24), accumulated in fp64.
