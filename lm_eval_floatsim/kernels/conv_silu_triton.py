@@ -132,8 +132,8 @@ def launch_config(batch: int, length: int, channels: int) -> tuple[int, int, int
     """(BLOCK_D, GROUP, CHUNK, num_warps): chunks long enough that the K-1 re-read inputs per chunk
     cost little, and enough programs to fill the GPU. Few distinct values, to bound compilations.
     The same with and without statistics, so that recording changes nothing but the statistics'
-    own work (four rows per step were the fastest of the configurations measured for both, see
-    docs/BENCHMARKS.md).
+    own work (four rows per step: eight were 2-3% faster without statistics and 20% slower with
+    them, see docs/BENCHMARKS.md).
     """
     chunk = 1 if length <= UNROLL else 8 if length <= 64 else 16 if length <= 512 else 32
     group = min(4, triton.next_power_of_2(triton.cdiv(length, chunk)))
@@ -354,7 +354,7 @@ def _load_real(mask_ptr, sm_b, sm_l, batch, t, length, HAS_MASK: tl.constexpr):
 def _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK: tl.constexpr, CHUNK: tl.constexpr):
     """(GROUP,) int32: bit s says whether position starts + s of the row is real. Read once, as
     one (GROUP, CHUNK) tile, so that the loop loads no mask. (A load per position kept CHUNK
-    loads in flight at the kernel's start: some 120 registers more, and half the occupancy. The
+    loads in flight at the kernel's start: about 190 registers where 120 do, half the occupancy. The
     tile's reduction leaves the bits in another register layout than the loop's, which costs a
     (GROUP, 1) conversion through shared memory at some steps: far less, measured.)"""
     steps = tl.arange(0, CHUNK)
