@@ -132,6 +132,26 @@ def assert_codes_match(out, expected, before, spec, scales):
     return int(differ.sum())
 
 
+def with_nonfinite_inputs(x):
+    """x with NaN and infinities at real positions of row 0 and NaN in row 1's padding
+    (positions 0-4, as the checks' masks pad it)."""
+    x = x.clone()
+    x[0, 10, 3] = float("nan")
+    x[0, 20, 5] = float("inf")
+    x[0, 30, 7] = -float("inf")
+    x[1, 2, 1] = float("nan")
+    return x
+
+
+def assert_nonfinite_outputs_match(out, expected, before, spec, scales):
+    """NaN and infinities where the reference has them, codes as assert_codes_match elsewhere."""
+    finite = expected.isfinite()
+    assert torch.equal(out.isfinite(), finite), "non-finite outputs at other positions"
+    torch.testing.assert_close(out[~finite], expected[~finite], equal_nan=True, rtol=0, atol=0)
+    keep = lambda t: torch.where(finite, t, torch.zeros_like(t))
+    assert_codes_match(keep(out), keep(expected), torch.where(before.isfinite(), before, 0.0), spec, scales)
+
+
 def assert_same_statistics(recorder, expected, expected_out):
     """Counts are exact. Signal energy: fp32 partials summed in different orders (pairwise on the
     CPU, per lane and per program in the kernel): relative differences ~1e-7, 1e-5 leaves room.
@@ -145,7 +165,8 @@ def assert_same_statistics(recorder, expected, expected_out):
     assert got[SUM_SQ_SIGNAL].item() == pytest.approx(want[SUM_SQ_SIGNAL].item(), rel=1e-5)
     for column in (SUM_ABS_ERR, SUM_SQ_ERR):
         assert got[column].item() == pytest.approx(want[column].item(), rel=5e-3, abs=1e-30), column
-    ulp = np.spacing(np.float32(expected_out.float().abs().max().item()))
+    finite = expected_out.float()[expected_out.isfinite()]
+    ulp = np.spacing(np.float32(finite.abs().max().item()))
     assert recorder.maxes[0].cpu().item() == pytest.approx(expected.maxes[0].item(), rel=1e-6, abs=4 * ulp)
 
 
@@ -372,12 +393,26 @@ def _let_the_interpreter_loop_to_a_runtime_bound():
     interpreter._patch_lang_tensor = patched
 
 
+def _let_the_interpreter_reduce_tuples_over_all_axes():
+    """Triton 3.6's interpreter flattens only a tuple's first tensor for a reduction over all axes
+    (axis=None), and fails on the others; flatten them all, as compiled Triton does."""
+    from triton.runtime import interpreter
+
+    def unravel(self, tensors, axis):
+        if axis is not None:
+            return tuple(tensors), axis
+        return tuple(self.to_tensor(t.handle.data.flatten(), t.dtype) for t in tensors), 0
+
+    interpreter.ReduceOps.unravel = unravel
+
+
 def _interpreted_checks():
     from lm_eval_floatsim.kernels import conv_silu_triton as module
     from lm_eval_floatsim.kernels import selective_scan_triton as scan_module
 
     module.libdevice = scan_module.libdevice = _interpreter_libdevice()
     _let_the_interpreter_loop_to_a_runtime_bound()
+    _let_the_interpreter_reduce_tuples_over_all_axes()
     from lm_eval_floatsim.kernels import rms_norm_triton
 
     q = rounding_cases(np.random.default_rng(2))
@@ -418,6 +453,15 @@ def _interpreted_checks():
         assert out[1, :5].eq(0).all() and not out.isnan().any()
         assert_codes_match(out, expected, seen.before, spec, scales)
         assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+    # values that are not finite, at real positions and in padding the conv is not told of: the
+    # programs that meet them take the statistics' exact way, the others the fast way
+    x_nonfinite = with_nonfinite_inputs(x)
+    for spec, config in ((SPECS[0], (16, 2, 8, 1)), (SPECS[1], (8, 1, 4, 1)), (SPECS[5], (32, 4, 4, 1))):
+        expected, seen = reference(x_nonfinite, w, b, spec, scales)
+        recorder = observed_recorder("cpu")
+        out = module.launch_conv_silu(x_nonfinite, w, b, spec, scales, recorder.layer(0, mask), config=config)
+        assert_nonfinite_outputs_match(out, expected, seen.before, spec, scales)
+        assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
     print("interpreted checks passed")
 
 
@@ -442,6 +486,24 @@ def test_gpu_conv_silu_matches_the_cpu_reference(spec, zero_padding):
     out = kernels.fused_conv_silu(x, w.cuda(), b.cuda(), spec, scales, recorder.layer(0, mask), left, conv_mask)
     assert out is not None, "the kernel declined"
     assert_codes_match(out, expected, seen.before, spec, scales)
+    assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+
+
+@cuda_only
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[5]], ids=["fp", "int8", "better-unclamped"])
+def test_gpu_statistics_with_values_that_are_not_finite(spec):
+    """Programs that meet NaN or infinities take the statistics' exact way, the others the fast way:
+    together, the reference's counts and sums."""
+    x, w, b, scales = random_case(4, 2, 300, 1000, device="cuda")
+    mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+    mask[1, :5] = False
+    x = with_nonfinite_inputs(x)
+    expected, seen = reference(x, w, b, spec, scales)
+    recorder = observed_recorder("cuda")
+    out = kernels.fused_conv_silu(x, w.cuda(), b.cuda(), spec, scales, recorder.layer(0, mask))
+    assert out is not None, "the kernel declined"
+    assert_nonfinite_outputs_match(out.cpu(), expected, seen.before, spec, scales)
+    assert recorder.sums[0, NONFINITE].item() > 0
     assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
 
 

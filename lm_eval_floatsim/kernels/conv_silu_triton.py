@@ -27,6 +27,11 @@ keeping the last K-1 conv inputs in registers: every input is loaded and quantiz
 K-1 per chunk), and the GROUP rows of a step are loaded together. The walk goes UNROLL positions
 a turn, unrolled, so that passing the window on costs no register moves, and loads a turn's rows
 while the turn before computes.
+
+The statistics' exact bookkeeping (a comparison and selects per value) took a quarter of the
+kernel's time, so they are kept a cheaper way that is exact only where every value is finite; a
+program that meets a value that is not (NaN or infinite input, an overflowing conv) walks its
+chunks a second time, the exact way (see `_walk`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ HALF_BITS = tl.constexpr(0x3F000000)  # 0.5
 # subnormals in mul_rn, add_rn, fma and div_rn, where the CPU keeps them).
 COMPILE_OPTIONS = {"enable_reflect_ftz": False}
 UNROLL = 2  # positions per turn of the kernel's loop, where CHUNK is a multiple of it (else 1)
+# Registers a thread may use in launches with statistics: at CHUNK 8 ptxas takes 110 and fits 4
+# programs per SM, 96 fit 5 and spill nothing (2.5% faster at B=64, L=64; at longer chunks
+# ptxas takes 96 itself).
+STATS_MAX_REGISTERS = 96
 # Scales the kernel divides by (see `_divide`); a layer with others runs the PyTorch path.
 SCALE_RANGE = (2.0**-100, 2.0**100)
 COUNT, SUM_ABS_ERR, SUM_SQ_SIGNAL, SUM_SQ_ERR, CLAMPED, NONFINITE, N_SUMS, SLOTS = (
@@ -110,7 +119,7 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
         MODE=params["mode"], ROUNDING=params["rounding"], CLAMP=params["clamp"],
         HAS_CONTEXT=left_context is not None, HAS_MASK=mask is not None, ZERO_PADDING=zero_padding, STATS=stats,
         BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=UNROLL if chunk % UNROLL == 0 else 1,
-        num_warps=warps, **COMPILE_OPTIONS,
+        num_warps=warps, **COMPILE_OPTIONS, **({"maxnreg": STATS_MAX_REGISTERS} if stats else {}),
     )  # fmt: skip
     return out
 
@@ -132,8 +141,8 @@ def launch_config(batch: int, length: int, channels: int) -> tuple[int, int, int
     """(BLOCK_D, GROUP, CHUNK, num_warps): chunks long enough that the K-1 re-read inputs per chunk
     cost little, and enough programs to fill the GPU. Few distinct values, to bound compilations.
     The same with and without statistics, so that recording changes nothing but the statistics'
-    own work (four rows per step: eight were 2-3% faster without statistics and 20% slower with
-    them, see docs/BENCHMARKS.md).
+    own work (four rows per step: eight were 2-4% faster without statistics and three times
+    slower with them, where they do not fit in STATS_MAX_REGISTERS; see docs/BENCHMARKS.md).
     """
     chunk = 1 if length <= UNROLL else 8 if length <= 64 else 16 if length <= 512 else 32
     group = min(4, triton.next_power_of_2(triton.cdiv(length, chunk)))
@@ -362,6 +371,108 @@ def _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK: tl.constex
     return tl.sum(real.to(tl.int32) << steps[None, :], axis=1)  # disjoint bits: the sum is their OR
 
 
+@triton.jit
+def _walk(
+    source, context, padding, target, batch, starts, d, d_ok, length, real_bits, weights, input_scales, output_scales,
+    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    ZERO_PADDING: tl.constexpr, STORE: tl.constexpr, STATS: tl.constexpr, EXACT: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+):  # fmt: skip
+    """The conv over a program's GROUP chunks, step by step: stores the output (STORE) and returns
+    the statistics' five per-lane accumulators (sum |error|, sum before**2, sum error**2,
+    max |error|, tallies) over real positions, kept one of two ways (STATS):
+    - the fast way multiplies each value by its position's realness (1.0 or 0.0) and tallies the
+      clamped values: no comparison and no select per value but the clamp's. Where every value
+      is finite, its sums are the exact way's; where one is not, the sum of |error| or of
+      before**2 is not finite either (NaN * 0.0 is NaN), and the kernel takes the exact way;
+    - EXACT leaves out each value that is not real or whose error is not finite, and tallies
+      counted + (CHUNK + 1) * clamped: two counts of at most CHUNK each, so that
+      trunc(tallies / (CHUNK + 1)) is the clamped count, exactly.
+    """
+    x_ptr, sx_b, sx_l, sx_d = source
+    ctx_ptr, sc_b, sc_l, sc_d = context
+    mask_ptr, sm_b, sm_l = padding
+    out_ptr, so_b, so_l, so_d = target
+    w0, w1, w2, w3, bias_term = weights
+    in_scale, in_reciprocal = input_scales
+    acc_scale, out_scale, out_reciprocal, lo, hi = output_scales
+
+    x0 = _conv_operand(
+        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 3, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
+        in_scale, in_reciprocal, MODE,
+    )  # fmt: skip
+    x1 = _conv_operand(
+        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 2, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
+        in_scale, in_reciprocal, MODE,
+    )  # fmt: skip
+    x2 = _conv_operand(
+        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 1, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
+        in_scale, in_reciprocal, MODE,
+    )  # fmt: skip
+
+    zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
+    sum_abs, sum_signal, sum_sq, max_err, tallies = zeros, zeros, zeros, zeros, zeros
+    pending_bits = real_bits  # shifted by a turn at each turn: bit `step` is this turn's step
+    rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, 0, d, d_ok, length, CHUNK, UNROLL)
+    for turn in range(0, CHUNK, UNROLL):
+        # The next turn's rows are loaded before this turn's are computed: their latency overlaps.
+        next_rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, turn + UNROLL, d, d_ok, length, CHUNK, UNROLL)
+        for step in tl.static_range(UNROLL):
+            t = starts + (turn + step)
+            bit = (pending_bits[:, None] >> step) & 1
+            real = bit != 0
+            raw = rows[step]
+            if ZERO_PADDING:
+                x3 = _conv_operand(tl.where(real, raw, 0.0), in_scale, in_reciprocal, MODE)
+            else:
+                x3 = _conv_operand(raw, in_scale, in_reciprocal, MODE)
+            before = _silu(_preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE))
+            if MODE == MODE_FP:
+                after = before
+            else:
+                rounded = _code(before, out_scale, out_reciprocal, ROUNDING)
+                if CLAMP:
+                    codes = _clamp(rounded, lo, hi)
+                else:
+                    codes = rounded
+                after = libdevice.mul_rn(codes, out_scale)
+            if STORE:
+                offsets = batch * so_b + t[:, None].to(tl.int64) * so_l + d[None, :] * so_d
+                in_sequence = (t < length)[:, None] & d_ok[None, :]
+                if ZERO_PADDING:
+                    tl.store(out_ptr + offsets, tl.where(real, after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
+                else:
+                    tl.store(out_ptr + offsets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
+
+            if STATS:
+                if EXACT:
+                    error = after - before
+                    counted = (real & d_ok[None, :]) & (tl.abs(error) <= FLT_MAX)
+                    error = tl.where(counted, error, 0.0)
+                    signal = tl.where(counted, before, 0.0)
+                    if CLAMP:
+                        tallies += tl.where(counted, tl.where(codes != rounded, CHUNK + 2.0, 1.0), 0.0)
+                    else:
+                        tallies += counted.to(tl.float32)
+                else:
+                    # after - before where real in one FMA (before * -1.0 is exact), +-0.0 elsewhere.
+                    realness = bit.to(tl.float32)
+                    signal = before * (0.0 - realness)
+                    error = libdevice.fma(after, realness, signal)
+                    if CLAMP:
+                        tallies += tl.where(codes != rounded, realness, 0.0)
+                sum_signal += signal * signal
+                if MODE != MODE_FP:  # fp: after is before, and every counted error 0
+                    sum_abs += tl.abs(error)
+                    sum_sq += error * error
+                    max_err = tl.maximum(max_err, tl.abs(error))
+
+            x0, x1, x2 = x1, x2, x3
+        rows = next_rows
+        pending_bits >>= UNROLL
+    return sum_abs, sum_signal, sum_sq, max_err, tallies
+
+
 @triton.jit(do_not_specialize=["length"])
 def _conv_silu_kernel(
     x_ptr, sx_b, sx_l, sx_d,
@@ -378,6 +489,58 @@ def _conv_silu_kernel(
     HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
+    memory = (
+        x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, w_ptr, sw_d, sw_k, b_ptr, sb_d,
+        out_ptr, so_b, so_l, so_d, mask_ptr, sm_b, sm_l, length, channels,
+    )  # fmt: skip
+    quantization = (
+        in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi,
+        in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
+    )  # fmt: skip
+    totals = _program(
+        memory, quantization, MODE, ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
+        STORE=True, STATS=STATS, EXACT=False,
+    )  # fmt: skip
+    if STATS:
+        if not ((totals[SUM_ABS_ERR] <= FLT_MAX) & (totals[SUM_SQ_SIGNAL] <= FLT_MAX)):  # see _walk
+            totals = _program_statistics_exactly(
+                memory, quantization, MODE, ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL
+            )  # fmt: skip
+        slot = (tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))) % SLOTS
+        row = sums_ptr + slot * N_SUMS  # the recorder's partial rows (recorder.SLOTS)
+        # Relaxed: nothing is read back before the stream ends, and Triton's default (acq_rel)
+        # makes every program wait for its stores and each atomic's round trip, one after another.
+        for column in tl.static_range(N_SUMS):
+            tl.atomic_add(row + column, totals[column].to(tl.float64), sem="relaxed")
+        tl.atomic_max(maxes_ptr + slot, totals[N_SUMS], sem="relaxed")
+
+
+@triton.jit(noinline=True)
+def _program_statistics_exactly(
+    memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+):  # fmt: skip
+    """The program's statistics the exact way, from a second walk that stores nothing. A function
+    of its own (not inlined), so that the kernel's first walk is compiled as if it were not there:
+    inlined, the two walks shared values, which took the kernel from 104 to 123 registers and
+    made it 4-8% slower."""
+    return _program(
+        memory, quantization, MODE, ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
+        STORE=False, STATS=True, EXACT=True,
+    )  # fmt: skip
+
+
+@triton.jit
+def _program(
+    memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+    STORE: tl.constexpr, STATS: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    """One program's work (`_walk`) and its statistics' totals (`_program_statistics`)."""
+    x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, w_ptr, sw_d, sw_k, b_ptr, sb_d, out_ptr, so_b, so_l, so_d, mask_ptr, sm_b, sm_l, length, channels = memory  # fmt: skip
+    in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi, in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal = quantization  # fmt: skip
     batch = tl.program_id(2).to(tl.int64)
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < channels
@@ -388,88 +551,35 @@ def _conv_silu_kernel(
     w2 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 2, weight_scale, weight_reciprocal, MODE)[None, :]
     w3 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 3, weight_scale, weight_reciprocal, MODE)[None, :]
     bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE)[None, :]
-
-    x0 = _conv_operand(
-        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 3, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE,
-    )  # fmt: skip
-    x1 = _conv_operand(
-        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 2, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE,
-    )  # fmt: skip
-    x2 = _conv_operand(
-        _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 1, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE,
-    )  # fmt: skip
-
-    # Statistics: five per-value accumulators (registers are what limits this kernel's occupancy).
-    # Real positions are counted from the mask. `tallies` holds two counts of at most CHUNK each,
-    # exactly: counted + (CHUNK + 1) * clamped, so trunc(tallies / (CHUNK + 1)) is the clamped count.
-    zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
-    sum_abs, sum_signal, sum_sq, max_err, tallies = zeros, zeros, zeros, zeros, zeros
     real_bits = _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK, CHUNK)
-    pending_bits = real_bits  # shifted by a turn at each turn: bit `step` is this turn's step
-    rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, 0, d, d_ok, length, CHUNK, UNROLL)
-    for turn in range(0, CHUNK, UNROLL):
-        # The next turn's rows are loaded before this turn's are computed: their latency overlaps.
-        next_rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, turn + UNROLL, d, d_ok, length, CHUNK, UNROLL)
-        for step in tl.static_range(UNROLL):
-            t = starts + (turn + step)
-            real = ((pending_bits[:, None] >> step) & 1) != 0
-            raw = rows[step]
-            if ZERO_PADDING:
-                x3 = _conv_operand(tl.where(real, raw, 0.0), in_scale, in_reciprocal, MODE)
-            else:
-                x3 = _conv_operand(raw, in_scale, in_reciprocal, MODE)
-            before = _silu(_preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE))
-            if MODE == MODE_FP:
-                after = before
-            else:
-                rounded = _code(before, out_scale, out_reciprocal, ROUNDING)
-                if CLAMP:
-                    codes = _clamp(rounded, lo, hi)
-                else:
-                    codes = rounded
-                after = libdevice.mul_rn(codes, out_scale)
-            offsets = batch * so_b + t[:, None].to(tl.int64) * so_l + d[None, :] * so_d
-            in_sequence = (t < length)[:, None] & d_ok[None, :]
-            if ZERO_PADDING:
-                tl.store(out_ptr + offsets, tl.where(real, after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
-            else:
-                tl.store(out_ptr + offsets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
 
-            if STATS:
-                # recorder.LayerObserver's statistics: errors over real positions whose error is finite.
-                error = after - before
-                counted = (real & d_ok[None, :]) & (tl.abs(error) <= FLT_MAX)
-                error = tl.where(counted, error, 0.0)
-                signal = tl.where(counted, before, 0.0)
-                sum_abs += tl.abs(error)
-                sum_signal += signal * signal
-                sum_sq += error * error
-                max_err = tl.maximum(max_err, tl.abs(error))
-                if CLAMP:
-                    tallies += tl.where(counted, tl.where(codes != rounded, CHUNK + 2.0, 1.0), 0.0)
-                else:
-                    tallies += counted.to(tl.float32)
+    sums = _walk(
+        (x_ptr, sx_b, sx_l, sx_d), (ctx_ptr, sc_b, sc_l, sc_d), (mask_ptr, sm_b, sm_l), (out_ptr, so_b, so_l, so_d),
+        batch, starts, d, d_ok, length, real_bits,
+        (w0, w1, w2, w3, bias_term), (in_scale, in_reciprocal), (acc_scale, out_scale, out_reciprocal, lo, hi),
+        MODE, ROUNDING, CLAMP, HAS_CONTEXT, ZERO_PADDING, STORE, STATS, EXACT, GROUP, BLOCK_D, CHUNK, UNROLL,
+    )  # fmt: skip
+    n_real = tl.sum(libdevice.popc(real_bits).to(tl.float32)) * tl.sum(d_ok.to(tl.float32))
+    return _program_statistics(sums, n_real, EXACT, CHUNK)
 
-            x0, x1, x2 = x1, x2, x3
-        rows = next_rows
-        pending_bits >>= UNROLL
 
-    if STATS:
-        # Sums of a program's values in fp32 (counts are exact: below 2**24), accumulated in fp64.
+@triton.jit
+def _program_statistics(sums, n_real, EXACT: tl.constexpr, CHUNK: tl.constexpr):
+    """The recorder's columns (COUNT ... NONFINITE) and the largest error, over the program's
+    lanes, from `_walk`'s accumulators, in one reduction. Lanes' sums are fp32 (counts are exact:
+    below 2**24); the recorder accumulates programs' in fp64. The fast way counts every real
+    value: it is taken only where all were finite."""
+    sum_abs, sum_signal, sum_sq, max_err, tallies = sums
+    if EXACT:
         clamped = libdevice.trunc(tallies / (CHUNK + 1.0))
-        n_counted = tl.sum(tallies - clamped * (CHUNK + 1.0))
-        n_real = tl.sum(libdevice.popc(real_bits).to(tl.float32)) * tl.sum(d_ok.to(tl.float32))
-        slot = (tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * batch)) % SLOTS
-        row = sums_ptr + slot * N_SUMS  # the recorder's partial rows (recorder.SLOTS)
-        # Relaxed: nothing is read back before the stream ends, and Triton's default (acq_rel)
-        # makes every program wait for its stores and each atomic's round trip, one after another.
-        tl.atomic_add(row + COUNT, n_counted.to(tl.float64), sem="relaxed")
-        tl.atomic_add(row + SUM_ABS_ERR, tl.sum(sum_abs).to(tl.float64), sem="relaxed")
-        tl.atomic_add(row + SUM_SQ_SIGNAL, tl.sum(sum_signal).to(tl.float64), sem="relaxed")
-        tl.atomic_add(row + SUM_SQ_ERR, tl.sum(sum_sq).to(tl.float64), sem="relaxed")
-        tl.atomic_add(row + CLAMPED, tl.sum(clamped).to(tl.float64), sem="relaxed")
-        tl.atomic_add(row + NONFINITE, (n_real - n_counted).to(tl.float64), sem="relaxed")
-        tl.atomic_max(maxes_ptr + slot, tl.max(max_err), sem="relaxed")
+        counted = tallies - clamped * (CHUNK + 1.0)
+    else:
+        clamped, counted = tallies, tl.zeros_like(tallies)
+    totals = tl.reduce((counted, sum_abs, sum_signal, sum_sq, clamped, max_err), None, _sums_and_max)
+    n_counted = totals[0] if EXACT else n_real
+    return n_counted, totals[1], totals[2], totals[3], totals[4], n_real - n_counted, totals[5]
+
+
+@triton.jit
+def _sums_and_max(a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, tl.maximum(a5, b5)
