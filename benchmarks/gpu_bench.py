@@ -44,7 +44,7 @@ MODES = ("fp", "int8", "same", "better")
 SPECS = {mode: QuantSpec(mode) for mode in MODES}
 SECTIONS = ("env", "model", "conv", "scan", "codes")
 # (BLOCK_D, GROUP, CHUNK, num_warps) of the conv section's configuration sweep
-CONV_CONFIGS = [(128, 4, 32, 4), (128, 8, 32, 4), (64, 4, 32, 2), (256, 2, 32, 4), (128, 2, 32, 4), (256, 4, 32, 8)]
+CONV_CONFIGS = [(128, 4, 32, 4), (32, 4, 32, 1), (128, 8, 32, 4), (64, 4, 32, 2), (32, 8, 32, 2), (256, 2, 32, 4), (128, 2, 32, 4)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -237,7 +237,7 @@ def section_conv(args, device, results):
         print(rows[-1], flush=True)
 
     for mode, stats in (("int8", False), ("same", False), ("same", True)):
-        default = launch_config(batch, length, channels)
+        default = launch_config(batch, length, channels, SPECS[mode].quantized)
         for config in [default] + [c for c in CONV_CONFIGS if c != default]:
             observer = statistics_only(1, device).layer(0, None) if stats else None
             run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
@@ -245,7 +245,7 @@ def section_conv(args, device, results):
     for mode in MODES:
         for stats in (False, True):
             observer = statistics_only(1, device).layer(0, None) if stats else None
-            config = launch_config(batch, length, channels)  # what the model runs
+            config = launch_config(batch, length, channels, SPECS[mode].quantized)  # what the model runs
             run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer)
             add(f"{mode} kernel{' + statistics' if stats else ''}", graph_timed_ms(run, device, args.iters, 4), list(config))
     small = conv_case(args.batch, args.length, channels, device)
@@ -254,7 +254,7 @@ def section_conv(args, device, results):
         for stats in (False, True):
             observer = statistics_only(1, device).layer(0, mask) if stats else None
             run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer, None, mask)
-            config = launch_config(args.batch, args.length, channels)
+            config = launch_config(args.batch, args.length, channels, SPECS[mode].quantized)
             name = f"{mode} kernel{' + statistics' if stats else ''}, B={args.batch} L={args.length} (the model's batch and mask)"
             add(name, graph_timed_ms(run, device, args.iters), list(config), 2 * small[0].numel() * small[0].element_size())
     with pytorch_conv():

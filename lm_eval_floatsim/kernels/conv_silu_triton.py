@@ -66,9 +66,8 @@ HALF_BITS = tl.constexpr(0x3F000000)  # 0.5
 # subnormals in mul_rn, add_rn, fma and div_rn, where the CPU keeps them).
 COMPILE_OPTIONS = {"enable_reflect_ftz": False}
 UNROLL = 2  # positions per turn of the kernel's loop, where CHUNK is a multiple of it (else 1)
-# Registers a thread may use in launches with statistics: at CHUNK 8 ptxas takes 110 and fits 4
-# programs per SM, 96 fit 5 and spill nothing (2.5% faster at B=64, L=64; at longer chunks
-# ptxas takes 96 itself).
+# Registers a thread may use in launches with statistics: ptxas takes up to 110, which fits 18
+# warps per SM; 96 fit 20-21 and spill nothing.
 STATS_MAX_REGISTERS = 96
 # Scales the kernel divides by (see `_divide`); a layer with others runs the PyTorch path.
 SCALE_RANGE = (2.0**-100, 2.0**100)
@@ -99,7 +98,7 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
     if out.numel() == 0:
         return out
     stats = observer is not None
-    block_d, group, chunk, warps = config or launch_config(batch, length, channels)
+    block_d, group, chunk, warps = config or launch_config(batch, length, channels, spec.quantized)
     params = kernel_parameters(spec, scales)
     context = left_context if left_context is not None else x  # x: a placeholder never read
     zero_padding = mask is not None
@@ -137,16 +136,17 @@ def _can_run(x, weight, spec, scales, observer, left_context, mask) -> bool:
     return observer is None or not getattr(observer, "wants_values", True)
 
 
-def launch_config(batch: int, length: int, channels: int) -> tuple[int, int, int, int]:
+def launch_config(batch: int, length: int, channels: int, quantized: bool) -> tuple[int, int, int, int]:
     """(BLOCK_D, GROUP, CHUNK, num_warps): chunks long enough that the K-1 re-read inputs per chunk
     cost little, and enough programs to fill the GPU. Few distinct values, to bound compilations.
-    The same with and without statistics, so that recording changes nothing but the statistics'
-    own work (four rows per step: eight were 2-4% faster without statistics and three times
-    slower with them, where they do not fit in STATS_MAX_REGISTERS; see docs/BENCHMARKS.md).
+    The quantized modes are bound by their arithmetic and run one warp per program, 32 channels:
+    6-10% faster than four warps and 128 channels at lengths up to 128, 0-4% on long sequences
+    (with statistics too); the memory-bound fp mode keeps four warps (8-14% faster there). The same with and without statistics, so that recording changes
+    nothing but the statistics' own work. The configurations measured are in docs/BENCHMARKS.md.
     """
     chunk = 1 if length <= UNROLL else 8 if length <= 64 else 16 if length <= 512 else 32
     group = min(4, triton.next_power_of_2(triton.cdiv(length, chunk)))
-    return 128, group, chunk, 4
+    return (32, group, chunk, 1) if quantized else (128, group, chunk, 4)
 
 
 @functools.lru_cache(maxsize=4096)
