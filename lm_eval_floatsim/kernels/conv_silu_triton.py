@@ -140,7 +140,7 @@ def launch_config(batch: int, length: int, channels: int, quantized: bool) -> tu
     """(BLOCK_D, GROUP, CHUNK, num_warps): chunks long enough that the K-1 re-read inputs per chunk
     cost little, and enough programs to fill the GPU. Few distinct values, to bound compilations.
     The quantized modes are bound by their arithmetic and run one warp per program, 32 channels:
-    6-10% faster than four warps and 128 channels at lengths up to 128, 0-4% on long sequences
+    6-11% faster than four warps and 128 channels at lengths up to 128, 0-4% on long sequences
     (with statistics too); the memory-bound fp mode keeps four warps (8-14% faster there). The same with and without statistics, so that recording changes
     nothing but the statistics' own work. The configurations measured are in docs/BENCHMARKS.md.
     """
@@ -524,7 +524,7 @@ def _program_statistics_exactly(
     """The program's statistics the exact way, from a second walk that stores nothing. A function
     of its own (not inlined), so that the kernel's first walk is compiled as if it were not there:
     inlined, the two walks shared values, which took the kernel from 104 to 123 registers and
-    made it 4-8% slower."""
+    made it 4-9% slower."""
     return _program(
         memory, quantization, MODE, ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
         STORE=False, STATS=True, EXACT=True,
