@@ -376,7 +376,7 @@ def _walk(
     source, context, padding, target, batch, starts, d, d_ok, length, real_bits, weights, input_scales, output_scales,
     MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     ZERO_PADDING: tl.constexpr, STORE: tl.constexpr, STATS: tl.constexpr, EXACT: tl.constexpr,
-    GROUP: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
     """The conv over a program's GROUP chunks, step by step: stores the output (STORE) and returns
     the statistics' five per-lane accumulators (sum |error|, sum before**2, sum error**2,
@@ -557,7 +557,7 @@ def _program(
         (x_ptr, sx_b, sx_l, sx_d), (ctx_ptr, sc_b, sc_l, sc_d), (mask_ptr, sm_b, sm_l), (out_ptr, so_b, so_l, so_d),
         batch, starts, d, d_ok, length, real_bits,
         (w0, w1, w2, w3, bias_term), (in_scale, in_reciprocal), (acc_scale, out_scale, out_reciprocal, lo, hi),
-        MODE, ROUNDING, CLAMP, HAS_CONTEXT, ZERO_PADDING, STORE, STATS, EXACT, GROUP, BLOCK_D, CHUNK, UNROLL,
+        MODE, ROUNDING, CLAMP, HAS_CONTEXT, ZERO_PADDING, STORE, STATS, EXACT, BLOCK_D, GROUP, CHUNK, UNROLL,
     )  # fmt: skip
     n_real = tl.sum(libdevice.popc(real_bits).to(tl.float32)) * tl.sum(d_ok.to(tl.float32))
     return _program_statistics(sums, n_real, EXACT, CHUNK)
