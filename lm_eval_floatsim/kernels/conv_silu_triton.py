@@ -141,8 +141,9 @@ def launch_config(batch: int, length: int, channels: int, quantized: bool) -> tu
     cost little, and enough programs to fill the GPU. Few distinct values, to bound compilations.
     The quantized modes are bound by their arithmetic and run one warp per program, 32 channels:
     6-11% faster than four warps and 128 channels at lengths up to 128, 0-4% on long sequences
-    (with statistics too); the memory-bound fp mode keeps four warps (8-14% faster there). The same with and without statistics, so that recording changes
-    nothing but the statistics' own work. The configurations measured are in docs/BENCHMARKS.md.
+    (with statistics too); the memory-bound fp mode keeps four warps (8-14% faster there). The
+    same with and without statistics, so that recording changes nothing but the statistics' own
+    work. The configurations measured are in docs/BENCHMARKS.md.
     """
     chunk = 1 if length <= UNROLL else 8 if length <= 64 else 16 if length <= 512 else 32
     group = min(4, triton.next_power_of_2(triton.cdiv(length, chunk)))
