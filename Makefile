@@ -9,10 +9,10 @@ export HF_DATASETS_OFFLINE = 1
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)"
-	$(PYTHON) -m pip install -q -e ".[plot]"
+	$(PYTHON) -m pip install -q -e .
 
 install-test: install
-	$(PYTHON) -m pip install -q -e ".[test,plot]"
+	$(PYTHON) -m pip install -q -e ".[test]"
 
 demo: install
 	bash scripts/run_demo.sh

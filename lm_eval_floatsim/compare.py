@@ -19,7 +19,6 @@ from .quant import MODES
 from .report import direction, fmt, fmt_err, fmt_signed, markdown_table
 from .runs import comparable_groups, find_runs, group_scales, latest_per_label, metric_id, metric_name, summarize
 
-PLOT_HINT = "pip install 'lm-eval-floatsim[plot]'"
 COMPARE_FORMAT = "lm_eval_floatsim.compare/1"
 
 
@@ -258,11 +257,8 @@ def _verdict(comparison: dict) -> list[str]:
 def write_outputs(comparison: dict, markdown: str, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     written = [write_text_atomic(out_dir / "compare.md", markdown), write_json_atomic(out_dir / "compare.json", comparison)]
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"plots skipped: matplotlib is not installed ({PLOT_HINT})", file=sys.stderr)
-        return written
+    import matplotlib  # a dependency; imported here because a comparison without --out needs none of it
+
     matplotlib.use("Agg")
     for index, group in enumerate(comparison["groups"]):
         suffix = "" if len(comparison["groups"]) == 1 else f"_{index + 1}"

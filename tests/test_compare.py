@@ -472,12 +472,3 @@ def test_out_writes_markdown_json_and_readable_plots(tmp_path, capsys):
         image = matplotlib.image.imread(tmp_path / "cmp" / name)
         assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
         assert image[..., :3].std() > 0.05  # not a blank canvas
-
-
-def test_without_matplotlib_markdown_and_json_are_still_written(tmp_path, capsys, monkeypatch):
-    write_standard_runs(tmp_path / "runs", labels=("int8", "same"))
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    code, _, err = compare_cli(capsys, tmp_path / "runs", "--out", tmp_path / "cmp")
-    assert code == 0
-    assert "pip install 'lm-eval-floatsim[plot]'" in err
-    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", "compare.md"]

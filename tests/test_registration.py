@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -64,13 +65,25 @@ def venv_site_packages(venv: Path) -> Path:
     return site_packages
 
 
+def see_this_environment(site_packages: Path) -> None:
+    """torch, lm_eval, pip and setuptools come from the environment running the tests.
+
+    `venv --system-site-packages` would show the base interpreter's packages instead, which are not
+    these when the tests run in a virtual environment (as CI's fresh one). A path line adds these
+    folders to sys.path without running their .pth files, so this checkout's own install (editable
+    or not) is not active in the new environment: only what the test installs there is.
+    """
+    folders = [folder for folder in site.getsitepackages() if Path(folder).is_dir()]
+    (site_packages / "_test_environment.pth").write_text("".join(f"{folder}\n" for folder in folders))
+
+
 @pytest.mark.parametrize("editable", [False, True], ids=["wheel", "editable"])
 def test_pip_install_puts_the_hook_where_the_stock_lm_eval_finds_it(tmp_path, editable):
     (tmp_path / "src").mkdir()
     source = project_copy(tmp_path / "src")
     venv = tmp_path / "venv"
-    # --system-site-packages: torch and lm_eval come from this environment; pip runs from it too.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    see_this_environment(venv_site_packages(venv))
     python = str(venv / "bin" / "python")
     install = [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
     started = time.perf_counter()
