@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 from .calibration import CalibrationSettings, Scales, cached_scales, data_fingerprint, weights_sha256
 from .errors import ArgumentError, InputError
-from .loading import load_pretrained, load_tokenizer, resolve_dtype
+from .loading import load_pretrained, load_tokenizer, model_label, resolve_dtype
 from .quant import QuantSpec
 
 
@@ -40,6 +40,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     tokenizer: Optional[str] = None,
+    revision: Optional[str] = None,
     progress: bool = True,
 ) -> LoadedModel:
     """(model, tokenizer, scales): a MambaLM in `mode`, its tokenizer, and the scales it uses.
@@ -47,7 +48,9 @@ def load_model(
     The calibration arguments default to CalibrationSettings' (the first 512 documents of the Pile
     validation split, 512 tokens each, percentile 0.9995). Given with `scales`, they must match the
     settings recorded in the scales file. `scales` is None for mode=fp without a scales argument
-    (the unquantized model needs none). Every argument is checked before the checkpoint is loaded.
+    (the unquantized model needs none). `revision` (a branch, tag or commit of a hub id) selects
+    the checkpoint's version and its own tokenizer's. Every argument is checked before the
+    checkpoint is loaded.
     """
     spec = QuantSpec(mode, divisor, rounding, clamp)
     explicit = _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile)
@@ -55,14 +58,14 @@ def load_model(
     resolve_dtype(dtype, device)
     chosen = _given_scales(scales, explicit)
 
-    model = load_pretrained(pretrained, dtype, device)
-    tok = load_tokenizer(pretrained, tokenizer)
+    model = load_pretrained(pretrained, dtype, device, revision)
+    tok = load_tokenizer(pretrained, tokenizer, revision)
     _check_vocabulary(tok, model, pretrained)
     if chosen is not None:
         _check_layer_count(chosen, model, pretrained)
         _check_weights(chosen, model, pretrained)
     elif spec.quantized:
-        chosen = cached_scales(pretrained, model, tok, settings, progress=progress)
+        chosen = cached_scales(model_label(pretrained, revision), model, tok, settings, progress=progress)
     model.quantize(spec, chosen.layers if chosen is not None else None)
     return LoadedModel(model, tok, chosen)
 

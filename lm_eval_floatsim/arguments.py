@@ -18,12 +18,14 @@ from typing import Any, Optional
 
 from .calibration import LOCAL_SUFFIXES, parse_dataset_name
 from .errors import ArgumentError
+from .loading import DTYPES as TORCH_DTYPES
+from .loading import model_label
 from .quant import QuantSpec
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRETRAINED = "state-spaces/mamba-130m"
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = (*TORCH_DTYPES, "auto")  # auto: float16 on CUDA (as lm-eval's mamba_ssm model), float32 elsewhere
 
 # lm-eval's own HFLM arguments that make sense for this model; they are passed to HFLM unchanged.
 # trust_remote_code is accepted because `lm_eval --trust_remote_code` adds it to every model's
@@ -55,6 +57,7 @@ class ModelArgs:
     """
 
     pretrained: str = DEFAULT_PRETRAINED
+    revision: Optional[str] = None
     tokenizer: Optional[str] = None
     mode: str = "fp"
     divisor: float = 2025.0
@@ -75,6 +78,10 @@ class ModelArgs:
     def spec(self) -> QuantSpec:
         return QuantSpec(self.mode, self.divisor, self.rounding, self.clamp)
 
+    @property
+    def model_id(self) -> str:
+        return model_label(self.pretrained, self.revision)
+
 
 def known_arguments() -> tuple[str, ...]:
     names = [name for name in ModelArgs.__dataclass_fields__ if name != "harness"]
@@ -87,6 +94,7 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
     values = {name: value for name, value in given.items() if value is not None}
     parsed = {
         "pretrained": _model_location("pretrained", values.get("pretrained", DEFAULT_PRETRAINED)),
+        "revision": _optional(values, "revision", _text),
         "tokenizer": _optional(values, "tokenizer", _model_location),
         "mode": values.get("mode", ModelArgs.mode),
         "divisor": _positive_number("divisor", values.get("divisor", ModelArgs.divisor)),
@@ -105,6 +113,8 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
     }
     # QuantSpec validates mode, rounding and clamp, with the messages every other entry point gives.
     QuantSpec(parsed["mode"], parsed["divisor"], parsed["rounding"], parsed["clamp"])
+    if parsed["revision"] is not None and Path(parsed["pretrained"]).is_dir():
+        raise ArgumentError("revision", parsed["revision"], f"no revision: pretrained={parsed['pretrained']} is a local folder")
     args = ModelArgs(**parsed)
     if "divisor" in values and args.mode != "better":
         logger.warning("divisor=%s only applies to mode=better; mode=%s ignores it", values["divisor"], args.mode)

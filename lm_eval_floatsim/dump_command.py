@@ -25,7 +25,7 @@ DEFAULT_MODES = "int8,same,better"
 SCALES_FILE = "scales.json"
 # Options that are model arguments of `mamba_floatsim`, validated by `arguments.parse_model_args`.
 MODEL_OPTIONS = (
-    "pretrained", "tokenizer", "divisor", "rounding", "clamp", "dump_dir", "dump_n", "calib_data",
+    "pretrained", "revision", "tokenizer", "divisor", "rounding", "clamp", "dump_dir", "dump_n", "calib_data",
     "calib_samples", "calib_seqlen", "percentile", "scales", "dtype", "device",
 )
 CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seqlen", "percentile")
@@ -35,6 +35,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, of {', '.join(MODES)} (default {DEFAULT_MODES})")
     parser.add_argument("--text", help="the text of the forward pass (default: the first calibration sample)")
     parser.add_argument("--pretrained", help=f"hub id or local folder (default {DEFAULT_PRETRAINED})")
+    parser.add_argument("--revision", help="branch, tag or commit of a hub id (default: its default branch)")
     parser.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the model's)")
     parser.add_argument("--divisor", help="better scale = output scale / divisor (default 2025)")
     parser.add_argument("--rounding", help="output rounding of the float simulation: half_away (default) or half_even")
@@ -46,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calib-seqlen", help="tokens per calibration sample and of the text (default 512)")
     parser.add_argument("--percentile", help="quantile of |y| per calibration sample (default 0.9995)")
     parser.add_argument("--scales", help="a scales file to use instead of calibrating")
-    parser.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
+    parser.add_argument("--dtype", help="float32 (default), float16, bfloat16 or auto (float16 on CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
 
@@ -68,12 +69,12 @@ def run(args) -> int:
     loaded = load_model(
         options.pretrained, mode=first_quantized, divisor=options.divisor, rounding=options.rounding,
         clamp=options.clamp, scales=options.scales, dtype=options.dtype, device=device,
-        tokenizer=options.tokenizer, **explicit,
+        tokenizer=options.tokenizer, revision=options.revision, **explicit,
     )
     text, source = forward_text(args.text, loaded.scales, explicit)
     input_ids = tokenize(loaded.tokenizer, text, calibration_setting("calib_seqlen", loaded.scales, explicit), device)
     meta = {
-        "model": options.pretrained,
+        "model": options.model_id,
         "scales_sha256": loaded.scales.sha256 if loaded.scales is not None else None,
         "calibration": loaded.scales.settings if loaded.scales is not None else None,
         "input": {"text": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "tokens": input_ids.shape[1]},

@@ -9,6 +9,8 @@
 
 Weights come from model.safetensors, pytorch_model.bin, or their sharded forms (*.index.json).
 Every problem with a checkpoint is an InputError naming the file and the problem, in one line.
+Checkpoints of other models, the rest of the Mamba family included (FalconMamba, Mamba-2, hybrids
+such as Jamba or Zamba), are refused by their model type: loaded as Mamba-1 they would run, wrongly.
 """
 
 from __future__ import annotations
@@ -43,14 +45,22 @@ FP32_PARAMETERS = re.compile(r"\.mixer\.(A_log|D)$")
 MAMBA2_KEYS = re.compile(r"\.mixer\.(norm\.weight|dt_bias)$")
 
 
-def resolve_model_dir(pretrained: Union[str, Path]) -> Path:
-    """The local folder of a checkpoint: `pretrained` itself, or its hub snapshot in the HF cache."""
+def resolve_model_dir(pretrained: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """The local folder of a checkpoint: `pretrained` itself, or its hub snapshot (at `revision`, a
+    branch, tag or commit; the default branch when None) in the HF cache."""
     path = Path(pretrained).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise ArgumentError("revision", revision, f"no revision: {pretrained} is a local folder, not a hub id")
         return path
     if path.exists() or not _is_hub_id(str(pretrained)):
         raise ArgumentError("pretrained", str(pretrained), "a hub id or an existing folder holding config.json and weights")
-    return _download(str(pretrained))
+    return _download(str(pretrained), revision)
+
+
+def model_label(pretrained: Union[str, Path], revision: Optional[str] = None) -> str:
+    """How dumps, results and scales files name a checkpoint: `pretrained`, `@revision` when one was chosen."""
+    return f"{pretrained}@{revision}" if revision is not None else str(pretrained)
 
 
 def _is_hub_id(name: str) -> bool:
@@ -63,23 +73,24 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, revision: Optional[str]) -> Path:
     """Config, tokenizer and one weight format (safetensors when the repo has them, else .bin)."""
     common = [CONFIG_FILE, *TOKENIZER_FILES]
-    folder = _snapshot(repo_id, common + ["model*.safetensors", "model.safetensors.index.json"])
+    folder = _snapshot(repo_id, revision, common + ["model*.safetensors", "model.safetensors.index.json"])
     if not _weight_files(folder):
-        folder = _snapshot(repo_id, common + ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+        folder = _snapshot(repo_id, revision, common + ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
     return folder
 
 
-def _snapshot(repo_id: str, patterns: list[str]) -> Path:
+def _snapshot(repo_id: str, revision: Optional[str], patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as error:  # not found, gated, offline and not cached, network down: all the user's to fix
+        at = f" at revision {revision!r}" if revision is not None else ""
         raise InputError(
-            f"{repo_id}: not a local folder, and the Hugging Face Hub did not provide it ({_one_line(error)})"
+            f"{repo_id}{at}: not a local folder, and the Hugging Face Hub did not provide it ({_one_line(error)})"
         ) from error
 
 
@@ -100,11 +111,14 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: Union[str, torch.devic
 
 
 def load_pretrained(
-    pretrained: Union[str, Path], dtype: Union[str, torch.dtype] = "float32", device: Union[str, torch.device] = "cpu"
+    pretrained: Union[str, Path],
+    dtype: Union[str, torch.dtype] = "float32",
+    device: Union[str, torch.device] = "cpu",
+    revision: Optional[str] = None,
 ) -> MambaLM:
     """A MambaLM in eval mode with the checkpoint's weights, in `dtype` on `device` (A_log, D in fp32)."""
     torch_dtype = resolve_dtype(dtype, device)
-    folder = resolve_model_dir(pretrained)
+    folder = resolve_model_dir(pretrained, revision)
     config, layout = read_config(folder)
     stored, source = read_weights(folder)
     state_dict = to_mamba_ssm_names(stored, layout, config, source)
@@ -137,8 +151,7 @@ def read_config(folder: Path) -> tuple[MambaConfig, str]:
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a JSON object")
     ssm_cfg = raw.get("ssm_cfg") or {}
-    if raw.get("model_type") == "mamba2" or (isinstance(ssm_cfg, dict) and ssm_cfg.get("layer") == "Mamba2"):
-        raise InputError(f"{path}: Mamba-2 checkpoints are not supported yet (only Mamba-1)")
+    _refuse_other_models(raw, ssm_cfg, path)
     try:
         if raw.get("model_type") == "mamba" or "hidden_size" in raw:
             return _transformers_config(raw, path), "transformers"
@@ -148,6 +161,36 @@ def read_config(folder: Path) -> tuple[MambaConfig, str]:
         raise InputError(f"{path}: not a usable Mamba config ({_one_line(error)})") from error
     kind = raw.get("model_type") or raw.get("architectures") or "unknown"
     raise InputError(f"{path}: not a Mamba checkpoint (model_type {kind!r}; expected mamba_ssm's or model_type 'mamba')")
+
+
+# Model types that share Mamba's names or config keys and would otherwise load as Mamba-1.
+OTHER_FAMILY_MODELS = {
+    "falcon_mamba": "FalconMamba: Mamba-1 with RMS normalisation of B, C and dt in the mixer",
+    "mamba2": "Mamba-2: a multi-head SSD scan over a conv of x, B and C",
+    "jamba": "Jamba: a hybrid of Mamba and attention layers",
+    "zamba": "Zamba: a hybrid of Mamba and shared attention layers",
+    "zamba2": "Zamba2: a hybrid of Mamba-2 and shared attention layers",
+    "bamba": "Bamba: a hybrid of Mamba-2 and attention layers",
+    "falcon_h1": "Falcon-H1: a hybrid of Mamba-2 and attention layers",
+    "nemotron_h": "Nemotron-H: a hybrid of Mamba-2 and attention layers",
+    "granitemoehybrid": "Granite 4.0: a hybrid of Mamba-2 and attention layers",
+}
+SUPPORTED = "mamba (transformers' MambaForCausalLM) or mamba_ssm's Mamba-1 layout"
+
+
+def _refuse_other_models(raw: dict, ssm_cfg, path: Path) -> None:
+    model_type = raw.get("model_type")
+    if model_type in OTHER_FAMILY_MODELS:
+        raise InputError(
+            f"{path}: model_type {model_type!r} is not supported yet ({OTHER_FAMILY_MODELS[model_type]}); supported: {SUPPORTED}"
+        )
+    if model_type is not None and model_type != "mamba":
+        raise InputError(f"{path}: not a Mamba checkpoint (model_type {model_type!r}); supported: {SUPPORTED}")
+    layer = ssm_cfg.get("layer", "Mamba1") if isinstance(ssm_cfg, dict) else "Mamba1"
+    if layer == "Mamba2":
+        raise InputError(f"{path}: ssm_cfg.layer 'Mamba2' is not supported yet ({OTHER_FAMILY_MODELS['mamba2']}); supported: {SUPPORTED}")
+    if layer != "Mamba1":
+        raise InputError(f"{path}: ssm_cfg.layer {layer!r} is not a Mamba-1 mixer; supported: {SUPPORTED}")
 
 
 def _mamba_ssm_config(raw: dict, ssm_cfg, path: Path) -> MambaConfig:
@@ -284,12 +327,13 @@ def check_state_dict(model: MambaLM, state_dict: dict[str, torch.Tensor], source
             raise InputError(f"{source}: {key} has shape {list(found)} but config.json implies {list(shape)}")
 
 
-def load_tokenizer(pretrained: Union[str, Path], tokenizer: Optional[str] = None):
-    """`tokenizer` when given, else the checkpoint folder's own, else EleutherAI/gpt-neox-20b; pad = eos if unset."""
+def load_tokenizer(pretrained: Union[str, Path], tokenizer: Optional[str] = None, revision: Optional[str] = None):
+    """`tokenizer` when given, else the checkpoint folder's own (at `revision`), else
+    EleutherAI/gpt-neox-20b; pad = eos if unset."""
     from transformers import AutoTokenizer
 
     if tokenizer is None:
-        folder = resolve_model_dir(pretrained)
+        folder = resolve_model_dir(pretrained, revision)
         has_own = any((folder / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = str(folder) if has_own else DEFAULT_TOKENIZER
     try:

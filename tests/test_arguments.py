@@ -42,7 +42,9 @@ BAD_ARGUMENTS = [
     ({"percentile": "high"}, "percentile", "a number in (0, 1]"),
     ({"calib_samples": 0}, "calib_samples", "an integer >= 1"),
     ({"calib_seqlen": -1}, "calib_seqlen", "an integer >= 1"),
-    ({"dtype": "int8"}, "dtype", "one of float32, float16, bfloat16"),
+    ({"dtype": "int8"}, "dtype", "one of float32, float16, bfloat16, auto"),
+    ({"revision": ""}, "revision", "a non-empty string"),
+    ({"revision": "v1", "pretrained": "model"}, "revision", "no revision: pretrained=model is a local folder"),
     ({"batch_size": "large"}, "batch_size", "an integer >= 1, auto or auto:N"),
     ({"batch_size": 0}, "batch_size", "an integer >= 1, auto or auto:N"),
     ({"max_length": 0}, "max_length", "an integer >= 1"),
@@ -73,7 +75,7 @@ def test_each_bad_argument_is_one_line_naming_it(files, given, argument, allowed
     assert error.argument == argument
     message = str(error)
     assert "\n" not in message
-    assert message.startswith(f"{argument}={next(iter(given.values()))!r} is not allowed: expected")
+    assert message.startswith(f"{argument}={given[argument]!r} is not allowed: expected")
     assert allowed in message
 
 
@@ -99,6 +101,13 @@ def test_values_typed_by_lm_eval_or_given_as_text_mean_the_same(files):
     assert (typed.divisor, typed.dump_n, typed.calib_samples, typed.percentile) == (2.5, 4, 8, 0.99)
     assert typed.harness == {"batch_size": "auto:2"}
     assert typed.spec.effective_scale(1.0) == pytest.approx(1 / 2.5)
+
+
+def test_lm_evals_mamba_ssm_conventions_dtype_auto_and_a_hub_revision():
+    args = parse_model_args({"dtype": "auto", "revision": "0123abc", "pretrained": "state-spaces/mamba-130m"})
+    assert (args.dtype, args.revision) == ("auto", "0123abc")
+    assert args.model_id == "state-spaces/mamba-130m@0123abc"  # as dumps, results and scales name the model
+    assert parse_model_args({}).model_id == DEFAULT_PRETRAINED
 
 
 def test_none_means_the_default():

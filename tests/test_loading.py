@@ -189,6 +189,37 @@ def test_mamba2_config_is_refused(tmp_path, config):
     assert "Mamba-2" in message and "not supported yet" in message and "config.json" in message
 
 
+def test_a_falcon_mamba_checkpoint_written_by_transformers_is_refused_not_run_as_mamba(tmp_path):
+    """FalconMamba has Mamba-1's weight names and config keys; loaded as Mamba-1 its logits are wrong."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    config = FalconMambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=PADDED_VOCAB, state_size=8)
+    FalconMambaForCausalLM(config).save_pretrained(tmp_path / "falcon")
+    message = one_line_error(InputError, load_pretrained, tmp_path / "falcon")
+    assert message.startswith(f"{tmp_path / 'falcon' / 'config.json'}: model_type 'falcon_mamba' is not supported yet")
+    assert "FalconMamba" in message
+
+
+@pytest.mark.parametrize(
+    "config_class",
+    ["Mamba2Config", "JambaConfig", "ZambaConfig", "Zamba2Config", "BambaConfig", "NemotronHConfig", "FalconH1Config",
+     "GraniteMoeHybridConfig"],
+)
+def test_mamba2_and_hybrid_configs_written_by_transformers_are_refused_by_model_type(tmp_path, config_class):
+    import transformers
+
+    config = getattr(transformers, config_class)()
+    config.save_pretrained(tmp_path / "model")
+    message = one_line_error(InputError, load_pretrained, tmp_path / "model")
+    assert f"model_type {config.model_type!r} is not supported yet" in message
+
+
+def test_revision_of_a_local_folder_is_refused(tmp_path):
+    folder, _ = make_checkpoint(tmp_path / "ckpt", "mamba_ssm", tokenizer=False)
+    message = one_line_error(ArgumentError, load_pretrained, folder, revision="main")
+    assert message.startswith("revision='main' is not allowed: expected no revision")
+
+
 def test_mamba2_weights_are_refused(tmp_path):
     folder, _ = make_checkpoint(tmp_path / "ckpt", "mamba_ssm", tokenizer=False)
     from safetensors.torch import load_file, save_file
