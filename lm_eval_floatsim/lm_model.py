@@ -16,7 +16,9 @@ what differs (like lm-eval's own `mamba_ssm` model):
   (`EvaluationTracker.save_results_aggregated`), the dump and scales are copied beside them and
   the `floatsim_run_finished` hook runs (`publish_run`);
 - data parallel (`accelerate launch` / `torchrun`): requests are split across ranks, statistics
-  are all-reduced before the summary, and only rank 0 writes files.
+  are all-reduced before the summary, and only rank 0 writes files;
+- `--use_cache`: the response database lm-eval hands over (`set_cache_hook`) is bound to this run's
+  model and arithmetic, and refused when it holds another's responses (`response_cache`).
 
 A user error (a bad model argument, an unusable checkpoint or scales file) raises ArgumentError or
 InputError. lm-eval lets it escape as a traceback; importing this module makes an uncaught one print
@@ -40,7 +42,7 @@ from typing import Optional
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from . import dumps
+from . import dumps, response_cache
 from .arguments import parse_model_args
 from .calibration import CalibrationSettings, Scales, cached_scales
 from .errors import FloatSimError
@@ -60,6 +62,8 @@ MODEL_NAME = "mamba_floatsim"
 _written_dumps: dict[str, str] = {}
 # Mamba has no position limit; the context lm-eval's own mamba_ssm model uses.
 DEFAULT_MAX_LENGTH = 2048
+# lm-eval's arguments that change a response, besides the model and its arithmetic.
+RESPONSE_ARGUMENTS = ("max_length", "truncation", "add_bos_token", "prefix_token_id", "softmax_dtype")
 
 
 class FloatSimLM(HFLM):
@@ -71,6 +75,7 @@ class FloatSimLM(HFLM):
         self.scales: Optional[Scales] = None
         self._padding_mask: Optional[torch.Tensor] = None
         self._statistics_closed = False
+        self._response_cache: Optional[dict] = None
         _install_results_hook()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if _launched_data_parallel() and torch.device(device).type == "cpu":
@@ -81,6 +86,7 @@ class FloatSimLM(HFLM):
             tokenizer=args.tokenizer,
             device=device,
             dtype=args.dtype,
+            revision=args.revision or "main",
             **{"max_length": DEFAULT_MAX_LENGTH, **args.harness},
         )
         self._use_all_processes()
@@ -113,6 +119,7 @@ class FloatSimLM(HFLM):
                 dtype=args.dtype,
                 device=str(self._device),
                 tokenizer=args.tokenizer,
+                revision=args.revision,
                 progress=self._is_main_process(),
             )
         self._model, self.tokenizer, self.scales = loaded
@@ -184,7 +191,40 @@ class FloatSimLM(HFLM):
         )
         settings = CalibrationSettings(**{name: value for name, value in chosen.items() if value is not None})
         with self._main_process_first():
-            return cached_scales(args.pretrained, self.model, self.tokenizer, settings, progress=self._is_main_process())
+            return cached_scales(args.model_id, self.model, self.tokenizer, settings, progress=self._is_main_process())
+
+    # --- lm-eval's response cache ---------------------------------------------------------------
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """`--use_cache`: lm-eval's CachingLM hands over its database before it looks anything up.
+
+        This is the start of an evaluation, which may answer every request from the cache without
+        calling the model: a finished run's statistics must not be reported for it.
+        """
+        super().set_cache_hook(cache_hook)
+        self._start_run_if_finished()
+        database = getattr(cache_hook, "dbdict", None)
+        if database is None:
+            self._response_cache = None
+            return
+        held = response_cache.claim(database, self.response_settings())
+        self._response_cache = {"database": str(getattr(database, "filename", "")), "responses_before_run": held}
+
+    def response_settings(self) -> dict:
+        """What a response depends on besides its request: the model and the arithmetic of the mode."""
+        args, spec = self.floatsim_args, self.spec
+        code_range = spec.code_range()
+        return {
+            "model": args.model_id,
+            "tokenizer": getattr(self.tokenizer, "name_or_path", None),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "mode": spec.mode,
+            "divisor": spec.divisor if spec.mode == "better" else None,
+            "rounding": spec.output_rounding if spec.quantized else None,
+            "code_range": list(code_range) if code_range is not None else None,
+            "scales_sha256": self.scales.sha256 if spec.quantized else None,
+            **{name: args.harness[name] for name in RESPONSE_ARGUMENTS if name in args.harness},
+        }
 
     # --- requests: each rank runs its own, without lm-eval's cross-rank padding -------------------
 
@@ -316,7 +356,7 @@ class FloatSimLM(HFLM):
         self._statistics_closed = True
         args, scales = self.floatsim_args, self.scales
         meta = {
-            "model": args.pretrained,
+            "model": args.model_id,
             "scales_sha256": scales.sha256 if scales is not None else None,
             "calibration": scales.settings if scales is not None else None,
         }
@@ -327,7 +367,7 @@ class FloatSimLM(HFLM):
         _written_dumps[digest] = text
         logger.info("mamba_floatsim: wrote %s", path)
         _plugin_hooks().floatsim_dump_written(path=str(path), dump=dump)
-        return results_section(dump, path, scales, digest)
+        return {**results_section(dump, path, scales, digest), "use_cache": self._response_cache}
 
 
 def _launched_data_parallel() -> bool:

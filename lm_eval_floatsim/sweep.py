@@ -3,7 +3,9 @@
 The model is loaded and calibrated once; each mode re-quantizes it with the same scales
 (FloatSimLM.switch_mode) and is evaluated with lm_eval.simple_evaluate, its results saved exactly
 as `lm_eval --output_path` saves them (EvaluationTracker), so that `compare` finds them. The task
-index (lm-eval's TaskManager) is built once too. At the end the runs are compared.
+index (lm-eval's TaskManager) is built once too. At the end the runs are compared. With
+`--use_cache PATH` each run caches its responses in a database of its own (`PATH_<label>`): a
+response depends on the mode, and lm-eval keys it by the request alone.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def evaluate_all(config, plan) -> list[Path]:
         tracker = EvaluationTracker(**config.hf_hub_log_args)
         results = lm_eval.simple_evaluate(model=lm, model_args=run_model_args(config.model_args, mode, divisor),
                                           task_manager=task_manager, evaluation_tracker=tracker,
-                                          **simple_evaluate_options(config))
+                                          **simple_evaluate_options(config, run_label(mode, divisor)))
         if results is None:  # not rank 0 of a data-parallel run: rank 0 saves
             continue
         results["config"]["model"] = MODEL_NAME
@@ -171,13 +173,18 @@ def run_model_args(model_args: dict, mode: str, divisor) -> dict:
     return {**model_args, "mode": mode, **({} if divisor is None else {"divisor": divisor})}
 
 
-def simple_evaluate_options(config) -> dict:
-    """simple_evaluate's keyword arguments as lm-eval's own `run` command passes them."""
+def run_cache_path(use_cache, label: str):
+    """The response database of one run: `use_cache` with the run's label (lm-eval adds `_rank<N>.db`)."""
+    return None if use_cache is None else f"{use_cache}_{label.replace('/', '_')}"
+
+
+def simple_evaluate_options(config, label: str) -> dict:
+    """simple_evaluate's keyword arguments as lm-eval's own `run` command passes them, for one run."""
     cache = config.cache_requests or {}
     seeds = config.seed or [None] * 4
     return dict(
         tasks=config.tasks, num_fewshot=config.num_fewshot, batch_size=config.batch_size,
-        max_batch_size=config.max_batch_size, device=config.device, use_cache=config.use_cache,
+        max_batch_size=config.max_batch_size, device=config.device, use_cache=run_cache_path(config.use_cache, label),
         cache_requests=cache.get("cache_requests", False), rewrite_requests_cache=cache.get("rewrite_requests_cache", False),
         delete_requests_cache=cache.get("delete_requests_cache", False), limit=config.limit, samples=config.samples,
         check_integrity=config.check_integrity, write_out=config.write_out, log_samples=config.log_samples,

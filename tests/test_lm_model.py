@@ -14,16 +14,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
-from fixtures.floatsim_runs import DOCS, TASK_NAMES, TASKS_DIR, console_script, make_model, model_args, subprocess_env
+from fixtures.floatsim_runs import (
+    DOCS,
+    LIMIT,
+    TASK_NAMES,
+    TASKS_DIR,
+    console_script,
+    evaluate,
+    floatsim,
+    make_model,
+    model_args,
+    subprocess_env,
+)
 
 from lm_eval_floatsim import dumps, hookimpl
 from lm_eval_floatsim.errors import ArgumentError
-from lm_eval_floatsim.lm_model import FloatSimLM, _without_copies, padding_mask
+from lm_eval_floatsim.lm_model import _without_copies, padding_mask
 from lm_eval_floatsim.quant import MODES
 
 D_INNER = 64  # helpers_models' default: hidden 32, expand 2
 N_LAYER = 2
-LIMIT = 8
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +46,6 @@ def task_manager():
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-
-
-def evaluate(lm, task_manager, tasks=TASK_NAMES, limit=LIMIT, **options):
-    import lm_eval
-
-    return lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit, log_samples=True, bootstrap_iters=0, **options
-    )
-
-
-def floatsim(pretrained, dump_dir, **args) -> FloatSimLM:
-    return FloatSimLM(pretrained=str(pretrained), device="cpu", dump_dir=str(dump_dir), **args)
 
 
 def responses(results, task) -> list:
@@ -317,3 +315,12 @@ def test_the_dump_folder_of_all_modes_passes_the_users_checks(console_runs):
     )
     failed = [(result.name, result.detail) for result in run_checks(console_runs / "dumps") if not result.ok]
     assert failed == []
+
+
+def test_dtype_auto_runs_float32_on_the_cpu_with_the_same_responses(model_files, task_manager, tmp_path):
+    hf_folder, _, scales, _ = model_files
+    auto = floatsim(hf_folder, tmp_path / "auto", mode="int8", scales=scales, dtype="auto")
+    assert auto.model.dtype == torch.float32  # lm-eval's mamba_ssm convention: float16 on CUDA only
+    default = floatsim(hf_folder, tmp_path / "default", mode="int8", scales=scales)
+    tasks = ("floatsim_lambada",)
+    assert responses(evaluate(auto, task_manager, tasks), tasks[0]) == responses(evaluate(default, task_manager, tasks), tasks[0])

@@ -202,26 +202,31 @@ def test_bad_arguments_fail_before_anything_is_loaded(tmp_path, fakes, capsys, o
     assert built == [] and calls == []
 
 
-def test_real_sweep_calibrates_once_and_every_mode_passes_the_checks(tmp_path, task_dir, monkeypatch, capsys):
-    """End to end with the real FloatSimLM on a tiny random checkpoint (the demo's path, smaller)."""
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    """A tiny random checkpoint, its calibration text and model arguments, for real sweeps; the
+    scales cache in tmp_path (no scales from another test's cache)."""
     from helpers_models import make_checkpoint
-
-    from lm_eval_floatsim import calibration
 
     model_dir, _ = make_checkpoint(tmp_path / "model", layout="transformers", num_hidden_layers=3)
     calib = tmp_path / "calib.txt"
     calib.write_text("".join(f"calibration sentence {i} about the colour of the sky\n" for i in range(8)))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no scales from another test's cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+    return f"pretrained={model_dir},calib_data={calib},calib_samples=4,calib_seqlen=32,dump_dir={tmp_path / 'dumps'}"
+
+
+def test_real_sweep_calibrates_once_and_every_mode_passes_the_checks(tmp_path, task_dir, tiny_model, monkeypatch, capsys):
+    """End to end with the real FloatSimLM on a tiny random checkpoint (the demo's path, smaller)."""
+    from lm_eval_floatsim import calibration
+
     calibrations, builds = [], []
     monkeypatch.setattr(calibration, "calibrate", counting(calibration.calibrate, calibrations))
     monkeypatch.setattr(sweep, "build_lm", counting(sweep.build_lm, builds))
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
-    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
 
     out = tmp_path / "results"
-    code = sweep_cli("--modes", "int8,same,better", "--divisors", "16,2025", "--",
-                     "--model_args", f"pretrained={model_dir},calib_data={calib},calib_samples=4,calib_seqlen=32,"
-                                     f"dump_dir={tmp_path / 'dumps'}",
+    code = sweep_cli("--modes", "int8,same,better", "--divisors", "16,2025", "--", "--model_args", tiny_model,
                      "--tasks", "sweep_lambada", "--include_path", task_dir, "--output_path", out)
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -235,3 +240,36 @@ def test_real_sweep_calibrates_once_and_every_mode_passes_the_checks(tmp_path, t
     last = max(runs, key=lambda run: run["results"]["date"])
     report = json.loads((Path(last["dump_path"]).parent / "report.json").read_text())
     assert [s["label"] for s in report["runs"]] == ["int8", "same", "better/16", "better/2025"]
+
+
+def logged_responses(run) -> list:
+    """The responses of the samples file lm-eval saved beside the run's results (same date id)."""
+    results_path = Path(run["source"])
+    date_id = results_path.stem.removeprefix("results_")
+    [samples] = results_path.parent.glob(f"samples_sweep_lambada_{date_id}.jsonl")
+    records = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda record: record["doc_id"])
+    return [record["resps"] for record in records]
+
+
+def test_sweep_with_use_cache_gives_every_mode_the_metrics_of_an_uncached_run(tmp_path, task_dir, tiny_model, capsys):
+    def sweep_metrics(out, *cache) -> tuple[int, dict]:
+        """The exit code, and per run its metrics and per-document loglikelihoods."""
+        code = sweep_cli("--modes", "fp,int8,better", "--", "--model_args", tiny_model, "--tasks", "sweep_lambada",
+                         "--include_path", task_dir, "--output_path", out, "--log_samples", *cache)
+        return code, {summarize(run)["label"]: (run["results"]["results"]["sweep_lambada"], logged_responses(run))
+                      for run in find_runs([out])}
+
+    cache = tmp_path / "responses"
+    uncached_code, uncached = sweep_metrics(tmp_path / "uncached")
+    filled_code, filled = sweep_metrics(tmp_path / "filled", "--use_cache", cache)
+    capsys.readouterr()
+    cached_code, answered_from_cache = sweep_metrics(tmp_path / "cached", "--use_cache", cache)
+    assert len(uncached) == 3 and len({json.dumps(run) for run in uncached.values()}) == 3  # the modes differ
+    assert uncached_code == filled_code == 0 and filled == uncached
+    assert answered_from_cache == uncached
+    assert sorted(path.name for path in tmp_path.glob("responses*")) == [
+        "responses_better_2025_rank0.db", "responses_fp_rank0.db", "responses_int8_rank0.db"
+    ]
+    # No forward ran, so the dumps hold no values of the run, and the checks say so.
+    printed = capsys.readouterr().out
+    assert cached_code == 1 and "✗ int8_baseline.json: no nulls" in printed
