@@ -2,8 +2,7 @@
 
 Commands on the bundled demo model are run for real; those on the hub model (unreachable in CI)
 are checked for what can go stale offline: the subcommand's options and the model arguments.
-Of the two quick-start commands, `make test` is what CI runs (`.ci/run`) and `make demo` is the
-demo itself.
+CI (`.ci/run`) runs the two quick-start commands, `make demo` and `make test`, in a fresh venv.
 """
 
 import os
@@ -45,7 +44,9 @@ def test_the_readme_shows_the_two_quick_start_commands_that_ci_runs():
     commands = [c.split("#")[0].strip() for c in code_blocks("bash")[0].splitlines() if c.strip()]
     assert "## Quick start" in README and commands == ["make demo", "make test"]
     assert "make demo" in quick_start
-    assert "make test" in (REPO / ".ci" / "run").read_text()
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert ci[-2:] == commands  # verbatim, last, after the fresh environment is made and entered
+    assert 'python3 -m venv "$workdir/venv"' in ci and '. "$workdir/venv/bin/activate"' in ci
 
 
 @pytest.mark.parametrize("argv", floatsim_commands(), ids=lambda argv: " ".join(argv[:2]))
