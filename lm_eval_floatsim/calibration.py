@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CALIB_DATA = "monology/pile-uncopyrighted"
 DEFAULT_SPLIT = "validation"
+# Hub datasets whose held-out splits are single files beside a train/ folder: datasets' split
+# detection then finds the folder only, and NAME:validation would be "Bad split". The Pile holds
+# train/00..29.jsonl.zst, val.jsonl.zst and test.jsonl.zst; its validation split is val.jsonl.zst,
+# as Quamba reads it (data_files="val.jsonl.zst").
+SPLIT_FILES = {DEFAULT_CALIB_DATA: {"validation": "val.jsonl.zst", "test": "test.jsonl.zst"}}
 TEXT_FIELD = "text"
 LOCAL_SUFFIXES = (".txt", ".jsonl")
 EMA_RATE = 0.01
@@ -136,8 +141,10 @@ def _dataset_texts(calib_data: str, n_samples: int) -> list[str]:
     name, config, split = parse_dataset_name(calib_data)
     import datasets
 
+    split_file = SPLIT_FILES.get(name, {}).get(split) if config is None else None
+    files = {"data_files": {split: split_file}} if split_file is not None else {}
     try:
-        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        stream = datasets.load_dataset(name, config, split=split, streaming=True, **files)
         records = list(itertools.islice(stream, n_samples))
     # datasets and the hub raise a zoo of types (ConnectionError offline, FileNotFoundError,
     # ValueError for a bad split, pyarrow errors for a bad file): all mean "unusable calib_data".
