@@ -90,8 +90,25 @@ def _snapshot(repo_id: str, revision: Optional[str], patterns: list[str]) -> Pat
     except Exception as error:  # not found, gated, offline and not cached, network down: all the user's to fix
         at = f" at revision {revision!r}" if revision is not None else ""
         raise InputError(
-            f"{repo_id}{at}: not a local folder, and the Hugging Face Hub did not provide it ({_one_line(error)})"
+            f"{repo_id}{at}: not a local folder, and the Hugging Face Hub did not provide it ({_hub_reason(error)})"
         ) from error
+
+
+def _hub_reason(error: Exception) -> str:
+    """huggingface_hub's error as one line that says what to do; its own first line is an HTTP status."""
+    from huggingface_hub import constants, errors
+
+    unreachable = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+    reasons = (  # most specific first: a gated repository is also "not found"
+        (errors.GatedRepoError, "the repository is gated: accept its terms on the hub, then log in with `hf auth login`"),
+        (errors.RepositoryNotFoundError, "no such repository, or a private one: check the id, or log in with `hf auth login`"),
+        (errors.RevisionNotFoundError, "no such branch, tag or commit in the repository"),
+        ((errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError), f"{unreachable} and the files are not in the local cache"),
+    )
+    for kind, reason in reasons:
+        if isinstance(error, kind):
+            return f"{type(error).__name__}: {reason}"
+    return _one_line(error)
 
 
 def _one_line(error: Exception) -> str:

@@ -332,6 +332,7 @@ def test_hub_id_resolves_through_the_cache(tmp_path, offline_hub_cache):
 def test_unavailable_hub_id_is_one_line(offline_hub_cache):
     message = one_line_error(InputError, load_pretrained, "someone/not-cached")
     assert message.startswith("someone/not-cached: not a local folder")
+    assert "offline mode is on (HF_HUB_OFFLINE) and the files are not in the local cache" in message
 
 
 # --- tokenizers ------------------------------------------------------------------------------------
