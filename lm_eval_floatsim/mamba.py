@@ -230,7 +230,11 @@ class MambaLM(nn.Module):
         mask: Optional[torch.Tensor] = None,
         eos_token_id: Optional[int] = None,
     ) -> torch.Tensor:
-        """Greedy decoding with the recurrent state; returns prompt + new tokens (left-padded rows allowed)."""
+        """Greedy decoding with the recurrent state; returns prompt + new tokens (left-padded rows allowed).
+
+        A row that has produced `eos_token_id` is held at it; the steps the other rows still take
+        see it as padding, so it adds nothing to the recorder's statistics (as if decoded alone).
+        """
         state = self.allocate_state(input_ids.shape[0])
         logits = self(input_ids, mask=mask, state=state)
         tokens = [input_ids]
@@ -243,5 +247,6 @@ class MambaLM(nn.Module):
             tokens.append(next_token[:, None])
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
-            logits = self(next_token[:, None], state=state)
+            running = (~finished)[:, None].long() if bool(finished.any()) else None
+            logits = self(next_token[:, None], mask=running, state=state)
         return torch.cat(tokens, dim=1)

@@ -118,6 +118,29 @@ def test_generation_stops_rows_at_eos(model):
     assert (generated[0, 4:] == eos).all()  # row 0 ends at once and is held at eos
 
 
+def generation_counts(model, prompt: torch.Tensor, eos: int) -> list[int]:
+    """Per block, the positions the recorder counted while `prompt` was decoded."""
+    from lm_eval_floatsim.recorder import Recorder
+
+    model.recorder = Recorder(model.config.n_layer)
+    model.recorder.arm()
+    try:
+        model.generate(prompt, max_new_tokens=5, eos_token_id=eos)
+        return [summary["count"] for summary in model.recorder.layer_summaries()]
+    finally:
+        model.recorder = None
+
+
+def test_a_row_held_at_eos_adds_nothing_to_the_statistics(model):
+    """Reference: each row decoded alone, which stops at its own eos."""
+    prompt = random_ids(2, 4)
+    eos = int(model.generate(prompt, max_new_tokens=1)[0, -1])
+    assert eos not in model.generate(prompt[1:], max_new_tokens=5)[0, 4:].tolist()  # row 1 runs all 5 steps
+    alone = [generation_counts(model, prompt[i : i + 1], eos) for i in range(2)]
+    assert alone[0] == [4 * model.config.d_inner] * model.config.n_layer  # the prompt only: row 0 ends at once
+    assert generation_counts(model, prompt, eos) == [a + b for a, b in zip(*alone)]
+
+
 # --- left padding ----------------------------------------------------------------------------------
 
 
