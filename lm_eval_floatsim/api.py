@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Optional, Union
 from .calibration import CalibrationSettings, Scales, cached_scales, data_fingerprint, weights_sha256
 from .errors import ArgumentError, InputError
 from .loading import load_pretrained, load_tokenizer, model_label, resolve_dtype
-from .quant import QuantSpec
+from .modes import QuantSpec
 
 
 class LoadedModel(NamedTuple):

@@ -20,7 +20,7 @@ from .calibration import LOCAL_SUFFIXES, parse_dataset_name
 from .errors import ArgumentError
 from .loading import DTYPES as TORCH_DTYPES
 from .loading import model_label
-from .quant import QuantSpec
+from .modes import QuantSpec, registry
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,9 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
     if parsed["revision"] is not None and Path(parsed["pretrained"]).is_dir():
         raise ArgumentError("revision", parsed["revision"], f"no revision: pretrained={parsed['pretrained']} is a local folder")
     args = ModelArgs(**parsed)
-    if "divisor" in values and args.mode != "better":
-        logger.warning("divisor=%s only applies to mode=better; mode=%s ignores it", values["divisor"], args.mode)
+    if "divisor" in values and not args.spec.kind.takes_divisor:
+        takers = " or ".join(f"mode={mode.name}" for mode in registry().values() if mode.takes_divisor)
+        logger.warning("divisor=%s only applies to %s; mode=%s ignores it", values["divisor"], takers, args.mode)
     return args
 
 

@@ -1,4 +1,4 @@
-"""The built-in behaviour, itself a plugin: the run report and the standard checks in `compare`."""
+"""The built-in behaviour, itself a plugin: the modes, the run report and the standard checks in `compare`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ from pathlib import Path
 
 from . import hookimpl
 from .checks import run_checks
+from .modes import BUILTIN_MODES, is_quantized
 from .report import write_run_report
 from .runs import comparable_groups, group_scales, summarize
+
+
+@hookimpl(tryfirst=True)
+def floatsim_register_modes(register):
+    for mode in BUILTIN_MODES:
+        register(mode)
 
 
 @hookimpl
@@ -38,7 +45,7 @@ def checked_together(group: list[dict]) -> list[dict]:
     scales (it uses none), but its dump records the scales it was loaded with, and the checks
     require one output scale per layer across the files."""
     scales = group_scales(group)
-    return [summary for summary in group if summary["mode"] != "fp" or summary["scales_sha256"] in (None, scales)]
+    return [summary for summary in group if is_quantized(summary["mode"]) or summary["scales_sha256"] in (None, scales)]
 
 
 def dump_batches(group: list[dict]) -> list[list[dict]]:

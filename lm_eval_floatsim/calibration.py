@@ -34,7 +34,8 @@ import torch
 
 from .errors import ArgumentError, InputError
 from .files import write_json_atomic
-from .quant import INT8_RANGE, LayerScales, QuantSpec
+from .modes import INT8_RANGE, QuantSpec
+from .quant import LayerScales
 
 logger = logging.getLogger(__name__)
 

@@ -33,11 +33,10 @@ import numpy as np
 
 from .dumps import parse_filename, read_dump
 from .errors import InputError
-from .quant import QuantSpec, format_divisor
+from .modes import INT8_KERNEL, Mode, format_divisor, get_mode, registry
 
 CODE_AGREEMENT = 0.9999
 AFTER_QUANT_TOLERANCE = 1e-5  # the user's document's "差异 < 1e-5"
-MODE_ORDER = ("int8", "same", "better", "fp")
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,12 @@ class DumpFile:
         return self.dump["layers"]
 
     @property
+    def kind(self) -> Mode:
+        return get_mode(self.mode)
+
+    @property
     def quantized(self) -> bool:
-        return self.mode != "fp"
+        return self.kind.quantized
 
     def layer(self, layer_idx: int) -> Optional[dict]:
         return self._by_index.get(layer_idx)
@@ -139,7 +142,8 @@ def run_checks(folder, names: Optional[Iterable[str]] = None) -> list[CheckResul
 
 
 def load_dumps(folder, names: Optional[Iterable[str]] = None) -> list[DumpFile]:
-    """The dump files of `folder`, read and schema-checked, in the order int8, same, better, fp."""
+    """The dump files of `folder`, read and schema-checked, quantized modes first (int8, same,
+    better, then plugins' in the registry's order), fp last."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
@@ -157,7 +161,8 @@ def load_dumps(folder, names: Optional[Iterable[str]] = None) -> list[DumpFile]:
             f"{folder}: no dump files (int8_baseline.json, floatsim_samescale.json, "
             "floatsim_betterscale_<divisor>.json, fp_reference.json)"
         )
-    return sorted(found, key=lambda file: (MODE_ORDER.index(file.mode), file.divisor or 0.0))
+    order = list(registry())
+    return sorted(found, key=lambda file: (not file.quantized, order.index(file.mode), file.divisor or 0.0))
 
 
 def check_dumps(files: list[DumpFile]) -> list[CheckResult]:
@@ -175,12 +180,13 @@ def check_dumps(files: list[DumpFile]) -> list[CheckResult]:
         if any(isinstance(layer.get("stats"), dict) for layer in file.layers):
             results.append(check_finite_activations(file))
     results += check_shared_scales(files, n_layer)
-    by_mode = {file.mode: file for file in files if file.mode != "better"}
-    if "same" in by_mode and "int8" in by_mode:
-        results += check_same_against_int8(by_mode["same"], by_mode["int8"], n_layer)
-    for better in (file for file in files if file.mode == "better"):
-        if "same" in by_mode:
-            results += check_better_against_same(better, by_mode["same"], n_layer)
+    # A folder holds one file of each mode without a divisor: the ones the others are checked against.
+    by_mode = {file.mode: file for file in files if not file.kind.takes_divisor}
+    for file in files:
+        if file.kind.reproduces in by_mode:
+            results += check_reproduces(file, by_mode[file.kind.reproduces], n_layer)
+        if file.kind.beats in by_mode:
+            results += check_beats(file, by_mode[file.kind.beats], n_layer)
     return results
 
 
@@ -250,10 +256,10 @@ def check_no_nulls(file: DumpFile) -> CheckResult:
 def check_config_flags(file: DumpFile) -> CheckResult:
     name = f"{file.name}: config flags"
     config = file.config
-    expected = {"float_sim_asic": file.mode in ("same", "better"), "float_sim_better_scale": file.mode == "better"}
+    expected = file.kind.config_flags()
     if "mode" in config:
         expected["mode"] = file.mode
-    if file.mode == "better" and config.get("divisor") is not None:
+    if file.kind.takes_divisor and config.get("divisor") is not None:
         expected["divisor"] = file.divisor
     wrong = [key for key, value in expected.items() if config[key] != value]
     if wrong:
@@ -270,13 +276,12 @@ def check_effective_scale(file: DumpFile) -> CheckResult:
             if layer["effective_scale"] is not None:
                 return CheckResult(name, False, f"layer {layer['layer_idx']}: fp has an effective scale", layer["layer_idx"])
         return CheckResult(name, True, "null in every layer (unquantized)")
-    divisor = file.divisor if file.mode == "better" else 1.0
-    rule = f"output_scale / {format_divisor(divisor)}" if file.mode == "better" else "output_scale"
+    rule = f"output_scale / {format_divisor(file.divisor)}" if file.kind.takes_divisor else "output_scale"
     failures = []
     for layer in file.layers:
         effective, output = layer["effective_scale"], layer["output_scale"]
-        if _is_number(effective) and _is_number(output) and not scales_match(effective, output / divisor):
-            expected = output / divisor
+        if _is_number(effective) and _is_number(output) and not scales_match(effective, file.kind.effective_scale(output, file.divisor)):
+            expected = file.kind.effective_scale(output, file.divisor)
             ratio = f" (ratio {effective / expected:.6g})" if expected else ""
             failures.append((layer["layer_idx"], f"effective_scale {effective!r} != {rule} = {expected!r}{ratio}"))
     if failures:
@@ -298,7 +303,7 @@ def check_grid(file: DumpFile) -> CheckResult:
     if failures:
         return _first_failure(name, failures)
     rule = "after_quant = code * effective_scale"
-    if file.mode == "int8":
+    if file.kind.arithmetic == INT8_KERNEL:
         rule += ", before_quant = code * output_scale"
     bounds = "unclamped" if code_range is None else f"in [{format_divisor(code_range[0])}, {format_divisor(code_range[1])}]"
     source = "" if any(isinstance(layer.get("codes"), list) for layer in file.layers) else "; codes derived from after_quant"
@@ -324,7 +329,7 @@ def _off_grid(file: DumpFile, layer: dict, code_range) -> Optional[str]:
         grid = _fp32_product(code, effective)
         if np.float32(after) != grid:
             return f"after_quant[{j}] = {after!r} is not code {int(code)} * effective_scale = {float(grid)!r}"
-        if file.mode == "int8" and _is_number(before) and np.float32(before) != _fp32_product(code, output):
+        if file.kind.arithmetic == INT8_KERNEL and _is_number(before) and np.float32(before) != _fp32_product(code, output):
             return f"before_quant[{j}] = {before!r} is not code {int(code)} * output_scale = {float(_fp32_product(code, output))!r}"
     return None
 
@@ -350,7 +355,7 @@ def _code_range(file: DumpFile) -> Optional[tuple[float, float]]:
     if "code_range" in file.config:
         recorded = file.config["code_range"]
         return None if recorded is None else (recorded[0], recorded[1])
-    return QuantSpec(file.mode, divisor=file.divisor or 1.0).code_range()
+    return file.kind.code_range(file.divisor or 1.0, "range")
 
 
 def check_finite_activations(file: DumpFile) -> CheckResult:
@@ -400,7 +405,8 @@ def _check_one_output_scale(files: list[DumpFile], n_layer: int) -> CheckResult:
     return CheckResult(name, True, f"{len(files)} files agree in every layer")
 
 
-def check_same_against_int8(same: DumpFile, int8: DumpFile, n_layer: int) -> list[CheckResult]:
+def check_reproduces(same: DumpFile, int8: DumpFile, n_layer: int) -> list[CheckResult]:
+    """`same` (a mode that `reproduces` another) against `int8` (that other mode's file)."""
     pairs = list(_layer_pairs(same, int8, n_layer))
     prefix = f"{same.name} vs {int8.name}"
     return [
@@ -459,7 +465,8 @@ def _after_quant_difference(prefix: str, pairs) -> CheckResult:
     return CheckResult(name, True, detail, worst_layer, informational=True)
 
 
-def check_better_against_same(better: DumpFile, same: DumpFile, n_layer: int) -> list[CheckResult]:
+def check_beats(better: DumpFile, same: DumpFile, n_layer: int) -> list[CheckResult]:
+    """`better` (a mode that `beats` another) against `same` (that other mode's file)."""
     pairs = list(_layer_pairs(better, same, n_layer))
     prefix = f"{better.name} vs {same.name}"
     results = [_check_smaller_error(f"{prefix}: smaller quantization error (dumped values)", pairs, _dumped_error)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import ArgumentError, InputError
 from .files import write_json_atomic, write_text_atomic
-from .quant import MODES
+from .modes import is_quantized, mode_names
 from .report import direction, fmt, fmt_err, fmt_signed, markdown_table
 from .runs import comparable_groups, find_runs, group_scales, latest_per_label, metric_id, metric_name, summarize
 
@@ -45,8 +45,9 @@ def run(args) -> int:
 
 
 def validate_options(baseline: str, max_drop) -> None:
-    if baseline.split("/")[0].split()[:1] not in [[mode] for mode in MODES]:
-        raise ArgumentError("--baseline", baseline, "a mode (" + ", ".join(MODES) + ") or a run label such as better/2025")
+    modes = mode_names()
+    if baseline.split("/")[0].split()[:1] not in [[mode] for mode in modes]:
+        raise ArgumentError("--baseline", baseline, "a mode (" + ", ".join(modes) + ") or a run label such as better/2025")
     if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
         raise ArgumentError("--max-drop", max_drop, "a finite number >= 0")
 
@@ -197,7 +198,7 @@ def _group_markdown(group: dict) -> list[str]:
         parts.append(f"Changes are not shown: {group['baseline_missing']}.")
     for table in group["metrics"]:
         parts += [f"### {table['display']} — {metric_name(table)} ({direction(table)})", _metric_markdown(table, labels, group["baseline"])]
-    quantized = [run["label"] for run in group["runs"] if run["mode"] != "fp"]
+    quantized = [run["label"] for run in group["runs"] if is_quantized(run["mode"])]
     if group["layers"] and quantized:
         parts += ["### Per-layer SQNR (dB) and max abs error", _layers_markdown(group["layers"], quantized)]
     return parts
@@ -270,7 +271,7 @@ def plot_group(group: dict, out_dir: Path, suffix: str) -> list[Path]:
     written = []
     if group["metrics"]:
         written.append(plot_accuracy(group, out_dir / f"accuracy{suffix}.png"))
-    if any(layer["values"] for layer in group["layers"]) and any(run["mode"] != "fp" for run in group["runs"]):
+    if any(layer["values"] for layer in group["layers"]) and any(is_quantized(run["mode"]) for run in group["runs"]):
         written.append(plot_sqnr(group, out_dir / f"sqnr_by_layer{suffix}.png"))
     return written
 
@@ -291,7 +292,7 @@ def run_styles(group: dict) -> dict[str, dict]:
     colors = plt.get_cmap("tab10").colors
     styles = {}
     for index, run in enumerate(group["runs"]):
-        color = "0.35" if run["mode"] == "fp" else colors[index % len(colors)]
+        color = colors[index % len(colors)] if is_quantized(run["mode"]) else "0.35"
         styles[run["label"]] = {"color": color, "marker": _MARKERS[index % len(_MARKERS)], "linestyle": _LINES[index % len(_LINES)]}
     return styles
 
@@ -343,7 +344,7 @@ def plot_sqnr(group: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     styles = {label: style for label, style in run_styles(group).items()
-              if next(run for run in group["runs"] if run["label"] == label)["mode"] != "fp"}
+              if is_quantized(next(run for run in group["runs"] if run["label"] == label)["mode"])}
     indices = [layer["layer_idx"] for layer in group["layers"]]
     figure, axis = plt.subplots(figsize=(max(7.0, 0.3 * len(indices) + 2.5), 4.2))
     for label, style in styles.items():

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from .arguments import DEFAULT_PRETRAINED, parse_model_args
 from .errors import ArgumentError, InputError
-from .quant import MODES, QuantSpec
+from .modes import QuantSpec, is_quantized, mode_names, parse_mode_list
 
 DEFAULT_MODES = "int8,same,better"
 SCALES_FILE = "scales.json"
@@ -32,7 +32,7 @@ CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seqlen", "percentil
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, of {', '.join(MODES)} (default {DEFAULT_MODES})")
+    parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, each once, of {', '.join(mode_names())} (default {DEFAULT_MODES})")
     parser.add_argument("--text", help="the text of the forward pass (default: the first calibration sample)")
     parser.add_argument("--pretrained", help=f"hub id or local folder (default {DEFAULT_PRETRAINED})")
     parser.add_argument("--revision", help="branch, tag or commit of a hub id (default: its default branch)")
@@ -53,7 +53,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    modes = parse_modes(args.modes)
+    modes = parse_mode_list(args.modes, "modes")
     if args.text is not None and not args.text.strip():
         raise ArgumentError("text", args.text, "a non-empty text")
     options = parse_model_args({name: getattr(args, name) for name in MODEL_OPTIONS})
@@ -65,7 +65,7 @@ def run(args) -> int:
     from .checks import check_dumps, load_dumps, report
 
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    first_quantized = next((mode for mode in modes if mode != "fp"), "fp")
+    first_quantized = next((mode for mode in modes if is_quantized(mode)), modes[0])
     loaded = load_model(
         options.pretrained, mode=first_quantized, divisor=options.divisor, rounding=options.rounding,
         clamp=options.clamp, scales=options.scales, dtype=options.dtype, device=device,
@@ -88,14 +88,6 @@ def run(args) -> int:
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     files = load_dumps(options.dump_dir, names=[path.name for path in paths if path.name != SCALES_FILE])
     return report(options.dump_dir, files, check_dumps(files), as_json=args.json)
-
-
-def parse_modes(value: str) -> list[str]:
-    """'int8,same,better' -> ['int8', 'same', 'better'] (in the order given, each once)."""
-    modes = [mode.strip() for mode in value.split(",") if mode.strip()]
-    if not modes or any(mode not in MODES for mode in modes):
-        raise ArgumentError("modes", value, "a comma-separated list of " + ", ".join(MODES))
-    return list(dict.fromkeys(modes))
 
 
 def write_mode_dumps(model, input_ids, specs: Sequence[QuantSpec], scales, dump_dir, dump_n: int, meta: dict) -> list[Path]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,33 +26,25 @@ import numpy as np
 from . import __version__
 from .errors import InputError
 from .files import write_json_atomic
-from .quant import LayerScales, QuantSpec, format_divisor
+from .modes import INT8_KERNEL, get_mode, mode_names, registry
+from .quant import LayerScales, QuantSpec
 
 DUMP_FORMAT = "lm_eval_floatsim.dump/1"
 DEFAULT_DUMP_DIR = "yzCheckFloatSim"
-FIXED_NAMES = {"fp": "fp_reference.json", "int8": "int8_baseline.json", "same": "floatsim_samescale.json"}
-BETTER_NAME = re.compile(r"^floatsim_betterscale_(?P<divisor>[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)\.json$")
 # What the caller knows about the run and the dump records in `config` (None when unknown).
 META_KEYS = ("model", "scales_sha256", "calibration")
 MESSAGE_LIMIT = 300  # characters of a schema problem shown in an error
 
 
 def dump_filename(mode: str, divisor: float = 2025.0) -> str:
-    """int8_baseline.json, floatsim_samescale.json, floatsim_betterscale_<divisor>.json, fp_reference.json."""
-    if mode == "better":
-        return f"floatsim_betterscale_{format_divisor(divisor)}.json"
-    return FIXED_NAMES[mode]
+    """int8_baseline.json, floatsim_samescale.json, floatsim_betterscale_<divisor>.json, fp_reference.json,
+    or a plugin mode's file (`modes.Mode.dump_filename`)."""
+    return get_mode(mode).dump_filename(divisor)
 
 
 def parse_filename(name: str) -> Optional[tuple[str, Optional[float]]]:
-    """(mode, divisor) of a dump file name (divisor None except for better); None for other files."""
-    for mode, fixed in FIXED_NAMES.items():
-        if name == fixed:
-            return mode, None
-    match = BETTER_NAME.match(name)
-    if match and float(match["divisor"]) > 0:
-        return "better", float(match["divisor"])
-    return None
+    """(mode, divisor) of a dump file name (divisor None unless the mode takes one); None for other files."""
+    return next(filter(None, (mode.match_dump_filename(name) for mode in registry().values())), None)
 
 
 def build_dump(recorder, spec: QuantSpec, scales: Optional[Sequence[LayerScales]], meta: Optional[dict] = None) -> dict:
@@ -65,14 +56,14 @@ def build_dump(recorder, spec: QuantSpec, scales: Optional[Sequence[LayerScales]
     """
     meta = meta or {}
     extras = {key: value for key, value in meta.items() if key not in META_KEYS}
+    mode = spec.kind
     config = {
-        "float_sim_asic": spec.mode in ("same", "better"),
-        "float_sim_better_scale": spec.mode == "better",
+        **mode.config_flags(),
         "format": DUMP_FORMAT,
         "mode": spec.mode,
-        "divisor": float(spec.divisor) if spec.mode == "better" else None,
+        "divisor": float(spec.divisor) if mode.takes_divisor else None,
         "rounding": spec.output_rounding if spec.quantized else None,
-        "clamp": _clamp_setting(spec),
+        "clamp": mode.clamp_setting(spec.clamp),
         "code_range": None if spec.code_range() is None else [float(bound) for bound in spec.code_range()],
         **{key: meta.get(key) for key in META_KEYS},
         "n_layer": recorder.n_layer,
@@ -137,11 +128,18 @@ def schema_problem(dump) -> Optional[str]:
 
 
 def schema() -> dict:
-    return json.loads(resources.files(__package__).joinpath("dump.schema.json").read_text(encoding="utf-8"))
+    """dump.schema.json, with the modes registered here as the values `config.mode` may take."""
+    loaded = json.loads(resources.files(__package__).joinpath("dump.schema.json").read_text(encoding="utf-8"))
+    loaded["properties"]["config"]["properties"]["mode"]["enum"] = list(mode_names())
+    return loaded
+
+
+def _validator():
+    return _validator_for(mode_names())
 
 
 @functools.lru_cache(maxsize=None)
-def _validator():
+def _validator_for(modes: tuple[str, ...]):
     import jsonschema
 
     return jsonschema.Draft202012Validator(schema())
@@ -156,13 +154,6 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _clamp_setting(spec: QuantSpec) -> Optional[str]:
-    """The clamp applied: int8 and same always clamp to the int8 range; better as configured."""
-    if not spec.quantized:
-        return None
-    return spec.clamp if spec.mode == "better" else "range"
-
-
 def _layer_entry(spec: QuantSpec, scales: Optional[LayerScales], snapshot, summary: dict, dump_n: int) -> dict:
     output_scale = scales.output if scales is not None else None
     effective_scale = spec.effective_scale(output_scale) if spec.quantized else None
@@ -171,7 +162,7 @@ def _layer_entry(spec: QuantSpec, scales: Optional[LayerScales], snapshot, summa
         codes = [None] * dump_n if spec.quantized else None
     else:
         before, after, codes = snapshot.before, snapshot.after, snapshot.codes
-        if spec.mode == "int8":
+        if spec.kind.arithmetic == INT8_KERNEL:
             before = _int8_before_quant(codes, output_scale)
     return {
         "layer_idx": summary["layer_idx"],

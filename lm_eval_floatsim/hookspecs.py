@@ -11,6 +11,16 @@ hookspec = pluggy.HookspecMarker("lm_eval_floatsim")
 
 
 @hookspec
+def floatsim_register_modes(register):
+    """Add modes: call ``register(mode)`` with a `lm_eval_floatsim.modes.Mode` for each.
+
+    A registered mode is a value of the model argument `mode` and of the `--modes` options, and
+    its runs are dumped, checked and compared like the built-in ones (which the built-in plugin
+    registers this way).
+    """
+
+
+@hookspec
 def floatsim_dump_written(path, dump):
     """A run's dump file was written (atomically) to `path`; `dump` is its parsed content."""
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .errors import ArgumentError
 from .kernels import fused_rms_norm
-from .quant import LayerScales, QuantSpec, conv_silu
+from .modes import QuantSpec
+from .quant import LayerScales, conv_silu
 from .selective_scan import selective_scan
 
 

@@ -11,22 +11,13 @@ in_proj, so no transposing copy is needed. The conv is depthwise and causal with
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from .errors import ArgumentError
-
-MODES = ("fp", "int8", "same", "better")
-ROUNDINGS = ("half_away", "half_even")
-CLAMPS = ("range", "none")
-INT8_RANGE = (-128, 127)
-
-# The INT8 kernel rounds with CUDA's roundf; operands are quantized the same way in every mode so
-# that all modes see identical X, W and Bq.
-KERNEL_ROUNDING = "half_away"
+from .modes import FP, INT8_KERNEL, INT8_RANGE, KERNEL_ROUNDING, QuantSpec
 
 Observer = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], None]
 
@@ -39,60 +30,6 @@ class LayerScales:
     output: float
     weight: float
     bias: float
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """What the Conv1D+SiLU step does: the mode and, for the float simulation, how it quantizes."""
-
-    mode: str = "fp"
-    divisor: float = 2025.0
-    rounding: str = "half_away"
-    clamp: str = "range"
-
-    def __post_init__(self):
-        _require("mode", self.mode, self.mode in MODES, "one of " + ", ".join(MODES))
-        _require("rounding", self.rounding, self.rounding in ROUNDINGS, "one of " + ", ".join(ROUNDINGS))
-        _require("clamp", self.clamp, self.clamp in CLAMPS, "one of " + ", ".join(CLAMPS))
-        divisor_ok = isinstance(self.divisor, (int, float)) and math.isfinite(self.divisor) and self.divisor > 0
-        _require("divisor", self.divisor, divisor_ok, "a positive finite number")
-
-    @property
-    def quantized(self) -> bool:
-        return self.mode != "fp"
-
-    @property
-    def output_rounding(self) -> str:
-        """The INT8 kernel always rounds half away from zero; `rounding` is the simulation's choice."""
-        return KERNEL_ROUNDING if self.mode == "int8" else self.rounding
-
-    def effective_scale(self, output_scale: float) -> Optional[float]:
-        if self.mode == "fp":
-            return None
-        if self.mode == "better":
-            return output_scale / self.divisor
-        return output_scale
-
-    def code_range(self) -> Optional[tuple[float, float]]:
-        """Inclusive (lo, hi) of the output codes, or None when they are not clamped."""
-        if self.mode == "fp":
-            return None
-        if self.mode == "better":
-            if self.clamp == "none":
-                return None
-            # Codes are integers: a fractional divisor keeps the largest whole codes inside the range.
-            return (math.ceil(INT8_RANGE[0] * self.divisor), math.floor(INT8_RANGE[1] * self.divisor))
-        return INT8_RANGE
-
-
-def _require(argument: str, value, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ArgumentError(argument, value, allowed)
-
-
-def format_divisor(divisor: float) -> str:
-    """2025.0 -> '2025', 2.5 -> '2.5' (shortest decimal form), as dump file names spell it."""
-    return str(int(divisor)) if float(divisor).is_integer() else repr(float(divisor))
 
 
 def round_half_away(t: torch.Tensor) -> torch.Tensor:
@@ -173,7 +110,8 @@ def _conv_silu_values(x, weight, bias, spec, scales, observer, left_context) -> 
     if left_context is None:
         left_context = x.new_zeros(x.shape[0], taps - 1, x.shape[2])
     window = torch.cat([left_context, x], dim=1).float()
-    if spec.mode == "fp":
+    arithmetic = spec.kind.arithmetic
+    if arithmetic == FP:
         y = silu(causal_conv(window, weight.float(), bias.float()))
         if observer is not None:
             observer(y, y, None, None)
@@ -182,7 +120,7 @@ def _conv_silu_values(x, weight, bias, spec, scales, observer, left_context) -> 
         raise ArgumentError("scales", None, f"calibrated scales for mode={spec.mode}")
 
     X, W, Bq = quantize_operands(window, weight.float(), bias.float(), scales)
-    if spec.mode == "int8":
+    if arithmetic == INT8_KERNEL:
         y = silu(_int8_kernel_preactivation(X, W, Bq, scales))
     else:
         dev = x.device

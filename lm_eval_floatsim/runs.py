@@ -15,12 +15,11 @@ from pathlib import Path
 
 from .dumps import read_dump
 from .errors import InputError
-from .quant import MODES, QuantSpec, format_divisor
+from .modes import is_quantized, registry
 
 RESULTS_GLOB = "results_*.json"
 RESULTS_NAME = re.compile(r"^results_(?P<date_id>.+)\.json$")
 STAT_KEYS = ("count", "max_abs_err", "mean_abs_err", "sqnr_db", "clamped_fraction", "nonfinite")
-_DEFAULT_SPEC = QuantSpec()
 # Keys of an lm-eval task entry that are not metrics.
 _NOT_METRICS = {"alias", "name", "sample_len", "sample_count", "samples"}
 # What this module reads of a results file, and the types it relies on (lm-eval writes more).
@@ -177,21 +176,19 @@ def find_runs_quietly(paths, recursive: bool = False) -> list[dict]:
 
 
 def run_label(mode: str, divisor=None, rounding=None, clamp=None) -> str:
-    """A short name for a mode configuration: ``int8``, ``same``, ``better/2025``,
-    ``better/16 half_even clamp=none`` (non-default choices spelled out)."""
-    label = f"better/{format_divisor(float(divisor))}" if mode == "better" and divisor is not None else mode
-    if mode in ("same", "better") and rounding not in (None, _DEFAULT_SPEC.rounding):
-        label += f" {rounding}"
-    if mode == "better" and clamp not in (None, _DEFAULT_SPEC.clamp):
-        label += f" clamp={clamp}"
-    return label
+    """A short name for a mode configuration (`modes.Mode.label`); a mode this installation does
+    not know (a plugin's, recorded elsewhere) by its name."""
+    known = registry().get(mode)
+    return known.label(divisor, rounding, clamp) if known is not None else mode
 
 
 def mode_order(summary: dict) -> tuple:
-    """fp, int8, same, better by divisor: the order of every table and plot."""
+    """The registry's order (fp, int8, same, better, then plugins'), divisors ascending: the order
+    of every table and plot."""
+    known = registry()
     mode = summary["mode"]
-    rank = MODES.index(mode) if mode in MODES else len(MODES)
-    divisor = summary.get("divisor") if mode == "better" else None
+    rank = list(known).index(mode) if mode in known else len(known)
+    divisor = summary.get("divisor") if mode in known and known[mode].takes_divisor else None
     return rank, float(divisor) if divisor is not None else 0.0, summary["label"]
 
 
@@ -202,7 +199,8 @@ def comparable_key(summary: dict) -> tuple:
 
 def comparable(a: dict, b: dict) -> bool:
     """Same model, and the same scales unless one is an fp run (which uses no scales)."""
-    return a.get("model") == b.get("model") and ("fp" in (a["mode"], b["mode"]) or comparable_key(a) == comparable_key(b))
+    both_quantized = is_quantized(a["mode"]) and is_quantized(b["mode"])
+    return a.get("model") == b.get("model") and (not both_quantized or comparable_key(a) == comparable_key(b))
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -337,7 +335,7 @@ def latest_per_label(summaries: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def group_scales(group: list[dict]) -> str | None:
     """The scales hash of a comparable group: its quantized runs' (an fp run's own may differ)."""
-    return next((s.get("scales_sha256") for s in group if s["mode"] != "fp"), group[0].get("scales_sha256") if group else None)
+    return next((s.get("scales_sha256") for s in group if is_quantized(s["mode"])), group[0].get("scales_sha256") if group else None)
 
 
 def comparable_groups(summaries: list[dict]) -> list[list[dict]]:
@@ -347,10 +345,10 @@ def comparable_groups(summaries: list[dict]) -> list[list[dict]]:
     """
     groups: dict[tuple, list[dict]] = {}
     for summary in summaries:
-        if summary["mode"] != "fp":
+        if is_quantized(summary["mode"]):
             groups.setdefault(comparable_key(summary), []).append(summary)
     for summary in summaries:
-        if summary["mode"] == "fp":
+        if not is_quantized(summary["mode"]):
             homes = [key for key in groups if key[0] == summary.get("model")] or [(summary.get("model"), None)]
             for key in homes:
                 groups.setdefault(key, []).append(summary)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import compare
 from .errors import ArgumentError, InputError
-from .quant import MODES
+from .modes import get_mode, is_quantized, parse_mode_list
 from .runs import load_run, run_label
 
 MODEL_NAME = "mamba_floatsim"
@@ -72,17 +72,15 @@ def parse_divisor(text: str) -> float:
 
 
 def sweep_plan(modes: str, divisors: str | None) -> list[tuple[str, float | None]]:
-    """The (mode, divisor) runs in order: each mode as listed, `better` once per divisor."""
-    names = _split(modes)
-    allowed = "comma-separated modes from " + ", ".join(MODES) + ", each once"
-    if not names or any(name not in MODES for name in names) or len(set(names)) != len(names):
-        raise ArgumentError("--modes", modes, allowed)
-    if divisors is not None and "better" not in names:
-        raise ArgumentError("--divisors", divisors, "no value unless --modes includes better")
+    """The (mode, divisor) runs in order: each mode as listed, a mode with a finer scale once per divisor."""
+    names = parse_mode_list(modes, "--modes")
+    takes_divisor = {name: get_mode(name).takes_divisor for name in names}
+    if divisors is not None and not any(takes_divisor.values()):
+        raise ArgumentError("--divisors", divisors, "no value unless --modes includes a mode with a finer scale (better)")
     values = [parse_divisor(text) for text in _split(divisors if divisors is not None else "2025")]
     if not values or len(set(values)) != len(values):
         raise ArgumentError("--divisors", divisors, "comma-separated distinct positive numbers")
-    return [(name, divisor) for name in names for divisor in (values if name == "better" else [None])]
+    return [(name, divisor) for name in names for divisor in (values if takes_divisor[name] else [None])]
 
 
 def check_baseline_swept(baseline: str, max_drop, plan) -> None:
@@ -145,7 +143,7 @@ def evaluate_all(config, plan) -> list[Path]:
 
     from .lm_model import results_file_of
 
-    first_quantized = next(((mode, divisor) for mode, divisor in plan if mode != "fp"), plan[0])
+    first_quantized = next(((mode, divisor) for mode, divisor in plan if is_quantized(mode)), plan[0])
     lm = build_lm(run_model_args(config.model_args, *first_quantized), config)
     task_manager = config.process_tasks(config.metadata)
     written = []

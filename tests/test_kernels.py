@@ -28,7 +28,8 @@ import torch
 
 from helpers_models import statistics_recorder
 from lm_eval_floatsim import kernels
-from lm_eval_floatsim.quant import ROUNDINGS, LayerScales, QuantSpec, conv_silu, round_codes
+from lm_eval_floatsim.modes import ROUNDINGS
+from lm_eval_floatsim.quant import LayerScales, QuantSpec, conv_silu, round_codes
 from lm_eval_floatsim.recorder import CLAMPED, COUNT, NONFINITE, SUM_ABS_ERR, SUM_SQ_ERR, SUM_SQ_SIGNAL, Recorder
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 
 from lm_eval_floatsim.errors import ArgumentError
 from lm_eval_floatsim.mamba import MambaConfig, MambaLM
+from lm_eval_floatsim.modes import format_divisor
 from lm_eval_floatsim.quant import (
     LayerScales,
     QuantSpec,
     conv_silu,
-    format_divisor,
     quantize_codes,
     round_half_away,
     round_half_even,

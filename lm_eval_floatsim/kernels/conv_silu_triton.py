@@ -49,15 +49,15 @@ try:
 except ImportError:  # Triton releases that keep libdevice outside the CUDA backend folder
     from triton.language.extra import libdevice
 
-from .. import quant
+from .. import modes, quant
 from .. import recorder
 
 # Globals a jitted function reads must be tl.constexpr.
 TAPS = tl.constexpr(4)  # the kernel's conv width (mamba's d_conv); other widths run the PyTorch path
 # Kernel modes: the simulation of `same` and `better` differs only in scale and clamp range.
 MODE_FP, MODE_INT8, MODE_SIM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-MODE_IDS = {"fp": MODE_FP.value, "int8": MODE_INT8.value, "same": MODE_SIM.value, "better": MODE_SIM.value}
-ROUNDING_IDS = {name: index for index, name in enumerate(quant.ROUNDINGS)}
+MODE_IDS = {modes.FP: MODE_FP.value, modes.INT8_KERNEL: MODE_INT8.value, modes.FLOAT_SIM: MODE_SIM.value}  # by arithmetic
+ROUNDING_IDS = {name: index for index, name in enumerate(modes.ROUNDINGS)}
 HALF_AWAY = tl.constexpr(ROUNDING_IDS["half_away"])
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX: finite (NaN compares false)
 SIGN_BIT = tl.constexpr(0x80000000)
@@ -166,7 +166,7 @@ def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]
     lo, hi = (_fp32(bound) for bound in code_range) if code_range is not None else (0.0, 0.0)
     divisors = (s_x, s_w, s_b, s_y)
     return {
-        "mode": MODE_IDS[spec.mode],
+        "mode": MODE_IDS[spec.kind.arithmetic],
         "rounding": ROUNDING_IDS[spec.output_rounding],
         "clamp": code_range is not None,
         "scales_in_range": all(SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] for scale in divisors),

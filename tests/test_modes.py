@@ -1,0 +1,140 @@
+"""Modes as objects in a registry: the built-in ones, and a third-party mode added by a plugin that
+runs through the lm-eval model, the dumps, `check` and `compare` without a change to the package.
+
+The plugin mode's reference is computed here independently, in float64 from the dumped values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from fixtures import coarse_mode_plugin
+from fixtures.floatsim_runs import TASKS_DIR, evaluate, floatsim, make_model
+
+from lm_eval_floatsim import checks, cli, dumps, hookimpl, modes
+from lm_eval_floatsim.errors import ArgumentError, InputError
+from lm_eval_floatsim.modes import FLOAT_SIM, Mode, QuantSpec, get_mode, parse_mode_list, registry
+from lm_eval_floatsim.plugins import plugin_manager
+
+
+def test_the_built_in_modes_are_registered_in_order():
+    assert list(registry()) == ["fp", "int8", "same", "better"]
+    assert modes.MODES == ("fp", "int8", "same", "better")
+    better = get_mode("better")
+    assert better.dump_filename(2025.0) == "floatsim_betterscale_2025.json" and better.dump_filename(2.5) == "floatsim_betterscale_2.5.json"
+    assert better.code_range(2.5, "range") == (-320, 317)  # whole codes inside [-128, 127] * 2.5
+    assert better.code_range(16, "none") is None and get_mode("same").code_range(16, "none") == (-128, 127)
+    assert [get_mode(name).config_flags() for name in ("fp", "int8", "same", "better")] == [
+        {"float_sim_asic": False, "float_sim_better_scale": False},
+        {"float_sim_asic": False, "float_sim_better_scale": False},
+        {"float_sim_asic": True, "float_sim_better_scale": False},
+        {"float_sim_asic": True, "float_sim_better_scale": True},
+    ]
+    assert QuantSpec("better", 16, "half_even", "none").label == "better/16 half_even clamp=none"
+    assert QuantSpec("int8", 16, "half_even", "none").label == "int8"  # settings int8 does not use
+
+
+def test_one_rule_for_every_list_of_modes():
+    assert parse_mode_list(" fp, better ", "--modes") == ["fp", "better"]
+    for bad in ("", "int8,int8", "int8,int4"):
+        with pytest.raises(ArgumentError, match=r"expected a comma-separated list of modes from fp, int8, same, better, each once"):
+            parse_mode_list(bad, "--modes")
+
+
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda: Mode("Better", FLOAT_SIM, "x.json"), "lower-case"),
+        (lambda: Mode("x", "int4_kernel", "x.json"), "arithmetic"),
+        (lambda: Mode("x", FLOAT_SIM, "x_{divisor}.json"), "exactly when the mode takes a divisor"),
+        (lambda: Mode("x", FLOAT_SIM, "x.json", takes_clamp=True), "only a mode with a finer scale"),
+    ],
+)
+def test_a_malformed_mode_is_refused_where_it_is_made(make, problem):
+    with pytest.raises(ValueError, match=problem):
+        make()
+
+
+@pytest.fixture
+def coarse_plugin():
+    """The plugin registered for one test, as an installed entry point would register it."""
+    manager = plugin_manager()
+    manager.register(coarse_mode_plugin, name="coarse-mode-test")
+    registry.cache_clear()
+    yield coarse_mode_plugin.COARSE
+    manager.unregister(name="coarse-mode-test")
+    registry.cache_clear()
+
+
+class ClashingPlugin:
+    @hookimpl
+    def floatsim_register_modes(self, register):
+        register(Mode("clash", FLOAT_SIM, "floatsim_samescale.json"))
+
+
+def test_a_plugin_mode_with_a_taken_dump_file_is_refused():
+    plugin_manager().register(ClashingPlugin(), name="clash")
+    registry.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="dump file floatsim_samescale.json is already the file of mode 'same'"):
+            registry()
+    finally:
+        plugin_manager().unregister(name="clash")
+        registry.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("model"))
+
+
+def test_a_plugin_mode_runs_through_lm_eval_dumps_check_and_compare(coarse_plugin, model_files, tmp_path, capsys):
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    hf_folder, _, scales, _ = model_files
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    dump_dir, out = tmp_path / "dumps", tmp_path / "results"
+    for mode in ("int8", "coarse"):
+        lm = floatsim(hf_folder, dump_dir, mode=mode, scales=scales, batch_size=4)
+        tracker = EvaluationTracker(output_path=str(out))
+        results = evaluate(lm, task_manager, tasks=("floatsim_lambada",), evaluation_tracker=tracker)
+        results.pop("samples")
+        tracker.save_results_aggregated(results=results)
+
+    dump = dumps.read_dump(dump_dir / "floatsim_coarsescale.json")
+    assert dump["config"]["mode"] == "coarse" and dump["config"]["float_sim_asic"] is True
+    assert dump["config"]["code_range"] == [-64.0, 63.0]
+    for layer in dump["layers"]:
+        # Independent reference: float64 rounding half away from zero on the coarse grid.
+        step = 2 * np.float64(np.float32(layer["output_scale"]))
+        assert layer["effective_scale"] == pytest.approx(step, rel=1e-7)  # one fp32 rounding of 2 * s_y
+        before = np.array(layer["before_quant"], dtype=np.float64)
+        quotient = before / step
+        codes = np.clip(np.sign(quotient) * np.floor(np.abs(quotient) + 0.5), -64, 63)
+        assert layer["codes"] == codes.tolist()
+        # after = code * s_eff in fp32: exact on the grid up to the fp32 rounding of the product
+        np.testing.assert_allclose(layer["after_quant"], codes * np.float32(layer["effective_scale"]), rtol=1e-7)
+
+    results = checks.check_dumps(checks.load_dumps(dump_dir))
+    assert all(result.ok for result in results), [result.line() for result in results if not result.ok]
+    assert any(result.name == "floatsim_coarsescale.json: effective scale" for result in results)
+
+    assert cli.main(["compare", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| coarse |" in printed and "| int8 |" in printed
+
+
+def test_a_dump_of_a_mode_this_installation_does_not_know_is_one_line(tmp_path):
+    good = tmp_path / "int8_baseline.json"
+    good.write_text(json.dumps({"config": {"float_sim_asic": False, "float_sim_better_scale": False, "mode": "coarse"},
+                                "layers": []}))
+    with pytest.raises(InputError, match=r"config.mode: 'coarse' is not one of \['fp', 'int8', 'same', 'better'\]"):
+        dumps.read_dump(good)
