@@ -141,7 +141,7 @@ def evaluate_all(config, plan) -> list[Path]:
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.utils import make_table
 
-    from .lm_model import results_file_of
+    from .publishing import results_file_of
 
     first_quantized = next(((mode, divisor) for mode, divisor in plan if is_quantized(mode)), plan[0])
     lm = build_lm(run_model_args(config.model_args, *first_quantized), config)

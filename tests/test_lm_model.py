@@ -29,7 +29,8 @@ from fixtures.floatsim_runs import (
 
 from lm_eval_floatsim import dumps, hookimpl
 from lm_eval_floatsim.errors import ArgumentError
-from lm_eval_floatsim.lm_model import _without_copies, padding_mask
+from lm_eval_floatsim.data_parallel import _without_copies
+from lm_eval_floatsim.lm_model import padding_mask
 from lm_eval_floatsim.modes import MODES
 
 D_INNER = 64  # helpers_models' default: hidden 32, expand 2
