@@ -266,6 +266,14 @@ def test_an_uncaught_user_error_prints_one_line(capsys):
     assert capsys.readouterr().err == "mamba_floatsim: error: mode='int4' is not allowed: expected one of fp\n"
 
 
+def test_importing_the_model_leaves_sys_excepthook_alone(tmp_path):
+    import sys
+
+    check = "import sys; h = sys.excepthook; import lm_eval_floatsim.lm_model; assert sys.excepthook is h"
+    done = subprocess.run([sys.executable, "-c", check], env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 # --- end to end: the lm_eval console script, every mode ----------------------------------------------
 
 
