@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Optional, Union
 from .calibration import CalibrationSettings, Scales, cached_scales, data_fingerprint, weights_sha256
 from .errors import ArgumentError, InputError
 from .loading import load_pretrained, load_tokenizer, model_label, resolve_dtype
-from .modes import QuantSpec
+from .modes import QuantSpec, parse_layers
 
 
 class LoadedModel(NamedTuple):
@@ -32,6 +32,7 @@ def load_model(
     divisor: float = 2025,
     rounding: str = "half_away",
     clamp: str = "range",
+    layers: Union[str, int, tuple, None] = None,
     scales: Union[str, Path, Scales, None] = None,
     calib_data: Optional[str] = None,
     calib_samples: Optional[int] = None,
@@ -48,11 +49,12 @@ def load_model(
     The calibration arguments default to CalibrationSettings' (the first 512 documents of the Pile
     validation split, 512 tokens each, percentile 0.9995). Given with `scales`, they must match the
     settings recorded in the scales file. `scales` is None for mode=fp without a scales argument
-    (the unquantized model needs none). `revision` (a branch, tag or commit of a hub id) selects
+    (the unquantized model needs none). `layers` ('0-5+12', see `modes.parse_layers`) limits
+    the mode to those blocks; the others run unquantized. `revision` (a branch, tag or commit of a hub id) selects
     the checkpoint's version and its own tokenizer's. Every argument is checked before the
     checkpoint is loaded.
     """
-    spec = QuantSpec(mode, divisor, rounding, clamp)
+    spec = QuantSpec(mode, divisor, rounding, clamp, parse_layers(layers))
     explicit = _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile)
     settings = CalibrationSettings(**explicit)
     resolve_dtype(dtype, device)

@@ -20,7 +20,7 @@ from .calibration import LOCAL_SUFFIXES, parse_dataset_name
 from .errors import ArgumentError
 from .loading import DTYPES as TORCH_DTYPES
 from .loading import model_label
-from .modes import QuantSpec, registry
+from .modes import QuantSpec, parse_layers, registry
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class ModelArgs:
     divisor: float = 2025.0
     rounding: str = "half_away"
     clamp: str = "range"
+    layers: Optional[tuple[int, ...]] = None
     dump_dir: str = "yzCheckFloatSim"
     dump_n: int = 10
     calib_data: Optional[str] = None
@@ -76,7 +77,7 @@ class ModelArgs:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.mode, self.divisor, self.rounding, self.clamp)
+        return QuantSpec(self.mode, self.divisor, self.rounding, self.clamp, self.layers)
 
     @property
     def model_id(self) -> str:
@@ -100,6 +101,7 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
         "divisor": _positive_number("divisor", values.get("divisor", ModelArgs.divisor)),
         "rounding": values.get("rounding", ModelArgs.rounding),
         "clamp": values.get("clamp", ModelArgs.clamp),
+        "layers": parse_layers(values.get("layers")),
         "dump_dir": _dump_dir(values.get("dump_dir", ModelArgs.dump_dir)),
         "dump_n": _positive_int("dump_n", values.get("dump_n", ModelArgs.dump_n)),
         "calib_data": _optional(values, "calib_data", _calibration_data),

@@ -36,6 +36,8 @@ from .errors import InputError
 from .modes import INT8_KERNEL, Mode, format_divisor, get_mode, registry
 
 CODE_AGREEMENT = 0.9999
+QUANTIZED_FIELDS = ("effective_scale", "output_scale", "before_quant", "after_quant", "codes")
+UNQUANTIZED_FIELDS = ("before_quant", "after_quant")
 AFTER_QUANT_TOLERANCE = 1e-5  # the user's document's "差异 < 1e-5"
 
 
@@ -82,6 +84,19 @@ class DumpFile:
     @property
     def quantized(self) -> bool:
         return self.kind.quantized
+
+    @functools.cached_property
+    def selected_layers(self) -> Optional[frozenset]:
+        """The blocks a run of some blocks (model argument layers) quantized; None for every block."""
+        layers = self.config.get("layers")
+        return frozenset(layers) if isinstance(layers, list) else None
+
+    def quantizes(self, layer: dict) -> bool:
+        """Whether the run quantized this layer (the others are recorded as fp)."""
+        return self.quantized and (self.selected_layers is None or layer["layer_idx"] in self.selected_layers)
+
+    def unquantized_layers(self) -> list:
+        return [layer for layer in self.layers if not self.quantizes(layer)]
 
     def layer(self, layer_idx: int) -> Optional[dict]:
         return self._by_index.get(layer_idx)
@@ -235,9 +250,9 @@ def check_dump_n(file: DumpFile) -> CheckResult:
 
 def check_no_nulls(file: DumpFile) -> CheckResult:
     name = f"{file.name}: no nulls"
-    fields = ("effective_scale", "output_scale", "before_quant", "after_quant", "codes") if file.quantized else ("before_quant", "after_quant")
     problems = []
     for layer in file.layers:
+        fields = QUANTIZED_FIELDS if file.quantizes(layer) else UNQUANTIZED_FIELDS
         for field in fields:
             value = layer.get(field)
             if isinstance(value, list):
@@ -249,6 +264,8 @@ def check_no_nulls(file: DumpFile) -> CheckResult:
         in_layers = len({layer for layer, _ in problems})
         detail = f"layer {layer_idx}: {where} is null or not finite ({len(problems)} in {in_layers} layers)"
         return CheckResult(name, False, detail, layer_idx)
+    if file.quantized and file.unquantized_layers():
+        return CheckResult(name, True, "scales, values and codes present in every quantized layer, values in the others")
     checked = "scales, values and codes" if file.quantized else "values"
     return CheckResult(name, True, f"{checked} present in every layer")
 
@@ -271,14 +288,14 @@ def check_config_flags(file: DumpFile) -> CheckResult:
 
 def check_effective_scale(file: DumpFile) -> CheckResult:
     name = f"{file.name}: effective scale"
+    for layer in file.unquantized_layers():
+        if layer["effective_scale"] is not None:
+            return CheckResult(name, False, f"layer {layer['layer_idx']}: fp has an effective scale", layer["layer_idx"])
     if not file.quantized:
-        for layer in file.layers:
-            if layer["effective_scale"] is not None:
-                return CheckResult(name, False, f"layer {layer['layer_idx']}: fp has an effective scale", layer["layer_idx"])
         return CheckResult(name, True, "null in every layer (unquantized)")
     rule = f"output_scale / {format_divisor(file.divisor)}" if file.kind.takes_divisor else "output_scale"
     failures = []
-    for layer in file.layers:
+    for layer in filter(file.quantizes, file.layers):
         effective, output = layer["effective_scale"], layer["output_scale"]
         if _is_number(effective) and _is_number(output) and not scales_match(effective, file.kind.effective_scale(output, file.divisor)):
             expected = file.kind.effective_scale(output, file.divisor)
@@ -286,20 +303,22 @@ def check_effective_scale(file: DumpFile) -> CheckResult:
             failures.append((layer["layer_idx"], f"effective_scale {effective!r} != {rule} = {expected!r}{ratio}"))
     if failures:
         return _first_failure(name, failures)
-    return CheckResult(name, True, f"= {rule} in every layer (to 1 fp32 ulp)")
+    where = "in every quantized layer, null in the others" if file.unquantized_layers() else "in every layer"
+    return CheckResult(name, True, f"= {rule} {where} (to 1 fp32 ulp)")
 
 
 def check_grid(file: DumpFile) -> CheckResult:
     name = f"{file.name}: values on the grid"
+    for layer in file.unquantized_layers():
+        for j, (before, after) in enumerate(zip(layer["before_quant"], layer["after_quant"])):
+            if _is_number(before) and _is_number(after) and before != after:
+                detail = f"layer {layer['layer_idx']}: after_quant[{j}] {after!r} != before_quant[{j}] {before!r}"
+                return CheckResult(name, False, detail, layer["layer_idx"])
     if not file.quantized:
-        for layer in file.layers:
-            for j, (before, after) in enumerate(zip(layer["before_quant"], layer["after_quant"])):
-                if _is_number(before) and _is_number(after) and before != after:
-                    detail = f"layer {layer['layer_idx']}: after_quant[{j}] {after!r} != before_quant[{j}] {before!r}"
-                    return CheckResult(name, False, detail, layer["layer_idx"])
         return CheckResult(name, True, "after_quant = before_quant (unquantized)")
     code_range = _code_range(file)
-    failures = [(layer["layer_idx"], problem) for layer in file.layers if (problem := _off_grid(file, layer, code_range))]
+    quantized = filter(file.quantizes, file.layers)
+    failures = [(layer["layer_idx"], problem) for layer in quantized if (problem := _off_grid(file, layer, code_range))]
     if failures:
         return _first_failure(name, failures)
     rule = "after_quant = code * effective_scale"
@@ -307,7 +326,8 @@ def check_grid(file: DumpFile) -> CheckResult:
         rule += ", before_quant = code * output_scale"
     bounds = "unclamped" if code_range is None else f"in [{format_divisor(code_range[0])}, {format_divisor(code_range[1])}]"
     source = "" if any(isinstance(layer.get("codes"), list) for layer in file.layers) else "; codes derived from after_quant"
-    return CheckResult(name, True, f"{rule} (fp32), integer codes {bounds}{source}")
+    others = "; after_quant = before_quant in the unquantized layers" if file.unquantized_layers() else ""
+    return CheckResult(name, True, f"{rule} (fp32), integer codes {bounds}{source}{others}")
 
 
 def _first_failure(name: str, failures: list[tuple[int, str]]) -> CheckResult:
@@ -504,9 +524,11 @@ def _stats_error(layer: dict) -> Optional[float]:
 
 
 def _layer_pairs(first: DumpFile, second: DumpFile, n_layer: int):
-    """(layer_idx, first's entry, second's entry) for every layer both files have."""
+    """(layer_idx, first's entry, second's entry) for every layer both files have and both quantized."""
     for layer_idx in sorted(first.layer_indices(n_layer) & second.layer_indices(n_layer)):
-        yield layer_idx, first.layer(layer_idx), second.layer(layer_idx)
+        ours, theirs = first.layer(layer_idx), second.layer(layer_idx)
+        if first.quantizes(ours) and second.quantizes(theirs):
+            yield layer_idx, ours, theirs
 
 
 # --- numbers ----------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ def build_dump(recorder, spec: QuantSpec, scales: Optional[Sequence[LayerScales]
         "rounding": spec.output_rounding if spec.quantized else None,
         "clamp": mode.clamp_setting(spec.clamp),
         "code_range": None if spec.code_range() is None else [float(bound) for bound in spec.code_range()],
+        # Only a run of some blocks records them: a run of every block keeps the format it always had.
+        **({} if spec.layers is None else {"layers": list(spec.layers)}),
         **{key: meta.get(key) for key in META_KEYS},
         "n_layer": recorder.n_layer,
         "dump_n": recorder.dump_n,
@@ -77,7 +79,7 @@ def build_dump(recorder, spec: QuantSpec, scales: Optional[Sequence[LayerScales]
     snapshots = recorder.snapshots()
     summaries = recorder.layer_summaries()
     layers = [
-        _layer_entry(spec, scales[i] if scales is not None else None, snapshots[i], summaries[i], recorder.dump_n)
+        _layer_entry(spec.for_layer(i), scales[i] if scales is not None else None, snapshots[i], summaries[i], recorder.dump_n)
         for i in range(recorder.n_layer)
     ]
     return {"config": config, "layers": layers}

@@ -38,7 +38,7 @@ from .arguments import parse_model_args
 from .calibration import CalibrationSettings, Scales, cached_scales
 from .kernels.fast_path import GraphedForward
 from .lm_eval_patches import warn_once
-from .quant import QuantSpec
+from .modes import QuantSpec
 from .recorder import Recorder
 
 # Mamba has no position limit; the context lm-eval's own mamba_ssm model uses.
@@ -93,6 +93,7 @@ class FloatSimLM(HFLM):
                 divisor=args.divisor,
                 rounding=args.rounding,
                 clamp=args.clamp,
+                layers=args.layers,
                 scales=args.scales,
                 calib_data=args.calib_data,
                 calib_samples=args.calib_samples,
@@ -126,14 +127,15 @@ class FloatSimLM(HFLM):
             self._start_run()
 
     def switch_mode(self, mode: str, divisor=None, rounding=None, clamp=None) -> None:
-        """Re-quantize the loaded model in another mode with the same scales; the next evaluation is
-        a new run (fresh recorder, its own dump file). None keeps the current value."""
+        """Re-quantize the loaded model in another mode with the same scales (and the same `layers`);
+        the next evaluation is a new run (fresh recorder, its own dump file). None keeps the current value."""
         current = self.floatsim_args
         spec = QuantSpec(
             mode,
             current.divisor if divisor is None else divisor,
             current.rounding if rounding is None else rounding,
             current.clamp if clamp is None else clamp,
+            current.layers,
         )
         if spec.quantized and self.scales is None:
             self.scales = self._calibrated_scales()
@@ -183,10 +185,11 @@ class FloatSimLM(HFLM):
             "tokenizer": getattr(self.tokenizer, "name_or_path", None),
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "mode": spec.mode,
-            "divisor": spec.divisor if spec.mode == "better" else None,
+            "divisor": spec.divisor if spec.kind.takes_divisor else None,
             "rounding": spec.output_rounding if spec.quantized else None,
             "code_range": list(code_range) if code_range is not None else None,
             "scales_sha256": self.scales.sha256 if spec.quantized else None,
+            "layers": None if spec.layers is None else list(spec.layers),
             **{name: args.harness[name] for name in RESPONSE_ARGUMENTS if name in args.harness},
         }
 

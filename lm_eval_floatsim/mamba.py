@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .errors import ArgumentError
 from .kernels import fused_rms_norm
-from .modes import QuantSpec
+from .modes import QuantSpec, format_layers
 from .quant import LayerScales, conv_silu
 from .selective_scan import selective_scan
 
@@ -162,10 +162,14 @@ class MambaLM(nn.Module):
             self.lm_head.weight = self.backbone.embedding.weight
 
     def quantize(self, spec: QuantSpec, scales: Optional[list[LayerScales]]) -> "MambaLM":
-        """Set the Conv1D+SiLU mode of every block, with one LayerScales per block."""
-        if spec.quantized and (scales is None or len(scales) != self.config.n_layer):
+        """Set the Conv1D+SiLU mode of every block (of `spec.layers`; the others run unquantized),
+        with one LayerScales per block."""
+        n_layer = self.config.n_layer
+        if spec.quantized and (scales is None or len(scales) != n_layer):
             found = "none" if scales is None else f"{len(scales)} layers"
-            raise ArgumentError("scales", found, f"one entry per layer ({self.config.n_layer}) for mode={spec.mode}")
+            raise ArgumentError("scales", found, f"one entry per layer ({n_layer}) for mode={spec.mode}")
+        if spec.layers is not None and spec.layers[-1] >= n_layer:
+            raise ArgumentError("layers", format_layers(spec.layers), f"blocks of 0-{n_layer - 1} (the model has {n_layer})")
         self.spec, self.scales = spec, scales
         return self
 
@@ -208,7 +212,8 @@ class MambaLM(nn.Module):
             residual = residual.float()
         for layer in self.backbone.layers:
             hidden = layer.norm(residual.to(layer.norm.weight.dtype))
-            residual = residual + layer.mixer(hidden, self.spec, self._layer_scales(layer), self._observer(layer, mask), mask, state)
+            spec = self.spec.for_layer(layer.mixer.layer_idx)
+            residual = residual + layer.mixer(hidden, spec, self._layer_scales(layer), self._observer(layer, mask), mask, state)
         return self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
 
     def step(self, input_ids: torch.Tensor, state: DecodingState) -> torch.Tensor:

@@ -4,7 +4,8 @@ A `Mode` owns everything that tells one mode from another: its arithmetic (the u
 model, the INT8 kernel, or the float simulation), its effective scale, its code range, the
 rounding of its output codes, its dump file name and config flags, its label, and which pairwise
 checks apply to it. A `QuantSpec` is one run's choice: a mode and the settings it takes (divisor,
-rounding, clamp). The arithmetic itself lives in `quant` (the only place that rounds or clamps).
+rounding, clamp) and the blocks it applies to (`layers`; the others run unquantized). The
+arithmetic itself lives in `quant` (the only place that rounds or clamps).
 
 Modes are looked up by name in a registry filled through the plugin hook
 `floatsim_register_modes(register)`: the built-in modes (`BUILTIN_MODES`) come from the built-in
@@ -33,6 +34,8 @@ INT8_RANGE = (-128, 127)
 KERNEL_ROUNDING = "half_away"
 DIVISOR_FIELD = "{divisor}"
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
+_LAYERS = re.compile(r"[0-9]+(-[0-9]+)?(\+[0-9]+(-[0-9]+)?)*")
+LAYERS_ALLOWED = "block indices and ranges joined by +, e.g. 0-5+12+20-23"
 
 
 @dataclass(frozen=True)
@@ -185,22 +188,69 @@ def parse_mode_list(text: str, argument: str) -> list[str]:
     return names
 
 
+def run_label(mode: str, divisor=None, rounding=None, clamp=None, layers=None) -> str:
+    """A run's short name: the mode's label (`Mode.label`), with `layers=...` for a run of some
+    blocks; a mode this installation does not know (a plugin's, recorded elsewhere) by its name."""
+    known = registry().get(mode)
+    label = known.label(divisor, rounding, clamp) if known is not None else mode
+    return label if not layers else f"{label} layers={format_layers(tuple(layers))}"
+
+
 def format_divisor(divisor: float) -> str:
     """2025.0 -> '2025', 2.5 -> '2.5' (shortest decimal form), as dump file names spell it."""
     return str(int(divisor)) if float(divisor).is_integer() else repr(float(divisor))
 
 
+def parse_layers(value) -> Optional[tuple[int, ...]]:
+    """The model argument `layers`: '0-5+12+20-23' -> (0, ..., 5, 12, 20, ..., 23), 12 -> (12,),
+    a sequence of indices -> them sorted, None -> None (every block). No commas: lm-eval splits
+    --model_args on them."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        return tuple(sorted(set(value)))
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    if not _LAYERS.fullmatch(text):
+        raise ArgumentError("layers", value, LAYERS_ALLOWED)
+    chosen: set[int] = set()
+    for part in text.split("+"):
+        first, _, last = part.partition("-")
+        low, high = int(first), int(last or first)
+        if high < low:
+            raise ArgumentError("layers", value, LAYERS_ALLOWED + " (a range runs upwards)")
+        chosen.update(range(low, high + 1))
+    return tuple(sorted(chosen))
+
+
+def format_layers(layers: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5, 7, 8) -> '0-2+5+7-8': the shortest spelling `parse_layers` reads back."""
+    runs: list[list[int]] = []
+    for index in layers:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return "+".join(str(low) if low == high else f"{low}-{high}" for low, high in runs)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
-    """One run's choice: the mode and, for the float simulation, how it quantizes."""
+    """One run's choice: the mode, how it quantizes, and the blocks it applies to (`layers`,
+    sorted block indices; None for every block). The other blocks run unquantized."""
 
     mode: str = "fp"
     divisor: float = 2025.0
     rounding: str = "half_away"
     clamp: str = "range"
+    layers: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         get_mode(self.mode)
+        layers_ok = self.layers is None or (
+            isinstance(self.layers, tuple) and self.layers and list(self.layers) == sorted(set(self.layers))
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+        )
+        _require("layers", self.layers, layers_ok, "sorted distinct block indices (see parse_layers), or None for every block")
         _require("rounding", self.rounding, self.rounding in ROUNDINGS, "one of " + ", ".join(ROUNDINGS))
         _require("clamp", self.clamp, self.clamp in CLAMPS, "one of " + ", ".join(CLAMPS))
         divisor_ok = isinstance(self.divisor, (int, float)) and math.isfinite(self.divisor) and self.divisor > 0
@@ -226,7 +276,14 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        return self.kind.label(self.divisor, self.rounding, self.clamp)
+        return run_label(self.mode, self.divisor, self.rounding, self.clamp, self.layers)
+
+    def quantizes_layer(self, layer_idx: int) -> bool:
+        return self.quantized and (self.layers is None or layer_idx in self.layers)
+
+    def for_layer(self, layer_idx: int) -> "QuantSpec":
+        """What block `layer_idx` computes: this spec, or unquantized for a block outside `layers`."""
+        return self if self.layers is None or layer_idx in self.layers else QuantSpec("fp")
 
     def dump_filename(self) -> str:
         return self.kind.dump_filename(self.divisor)

@@ -18,7 +18,7 @@ from .calibration import Scales
 from .errors import FloatSimError
 from .files import json_text, write_text_atomic
 from .lm_eval_patches import logger, warn_once
-from .quant import QuantSpec
+from .modes import QuantSpec
 
 # The dumps this process wrote, by the sha256 of their text: a run publishes the dump it wrote, even
 # when another run of its mode (another process, or another model here) has replaced the file in
@@ -55,6 +55,7 @@ def results_section(dump: dict, dump_path: Path, scales: Optional[Scales], dump_
         "divisor": config["divisor"],
         "rounding": config["rounding"],
         "clamp": config["clamp"],
+        "quantized_layers": config.get("layers"),  # None: every block
         "model": config["model"],
         "scales_file": str(scales.path) if scales is not None and scales.path is not None else None,
         "scales_sha256": config["scales_sha256"],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .dumps import read_dump
 from .errors import InputError
-from .modes import is_quantized, registry
+from .modes import is_quantized, registry, run_label
 
 RESULTS_GLOB = "results_*.json"
 RESULTS_NAME = re.compile(r"^results_(?P<date_id>.+)\.json$")
@@ -175,13 +175,6 @@ def find_runs_quietly(paths, recursive: bool = False) -> list[dict]:
 # --- identity ------------------------------------------------------------------------------------
 
 
-def run_label(mode: str, divisor=None, rounding=None, clamp=None) -> str:
-    """A short name for a mode configuration (`modes.Mode.label`); a mode this installation does
-    not know (a plugin's, recorded elsewhere) by its name."""
-    known = registry().get(mode)
-    return known.label(divisor, rounding, clamp) if known is not None else mode
-
-
 def mode_order(summary: dict) -> tuple:
     """The registry's order (fp, int8, same, better, then plugins'), divisors ascending: the order
     of every table and plot."""
@@ -307,7 +300,7 @@ def summarize(run: dict) -> dict:
     mode = section.get("mode", "?")
     layers = layer_stats(run)
     return {
-        "label": run_label(mode, section.get("divisor"), section.get("rounding"), section.get("clamp")),
+        "label": run_label(mode, section.get("divisor"), section.get("rounding"), section.get("clamp"), section.get("quantized_layers")),
         "mode": mode,
         "divisor": section.get("divisor"),
         "rounding": section.get("rounding"),

@@ -44,6 +44,9 @@ BAD_ARGUMENTS = [
     ({"calib_seqlen": -1}, "calib_seqlen", "an integer >= 1"),
     ({"dtype": "int8"}, "dtype", "one of float32, float16, bfloat16, auto"),
     ({"revision": ""}, "revision", "a non-empty string"),
+    ({"layers": "0-5;12"}, "layers", "block indices and ranges joined by +, e.g. 0-5+12+20-23"),
+    ({"layers": "5-3"}, "layers", "(a range runs upwards)"),
+    ({"layers": -1}, "layers", "block indices and ranges joined by +"),
     ({"revision": "v1", "pretrained": "model"}, "revision", "no revision: pretrained=model is a local folder"),
     ({"batch_size": "large"}, "batch_size", "an integer >= 1, auto or auto:N"),
     ({"batch_size": 0}, "batch_size", "an integer >= 1, auto or auto:N"),
@@ -108,6 +111,13 @@ def test_lm_evals_mamba_ssm_conventions_dtype_auto_and_a_hub_revision():
     assert (args.dtype, args.revision) == ("auto", "0123abc")
     assert args.model_id == "state-spaces/mamba-130m@0123abc"  # as dumps, results and scales name the model
     assert parse_model_args({}).model_id == DEFAULT_PRETRAINED
+
+
+def test_layers_as_lm_eval_passes_them():
+    assert parse_model_args({"layers": "0-2+5+7-8"}).layers == (0, 1, 2, 5, 7, 8)
+    assert parse_model_args({"layers": 3}).layers == (3,)  # lm-eval's parser types a lone index
+    assert parse_model_args({"layers": "2+0-2"}).spec.label == "fp layers=0-2"  # sorted, merged
+    assert parse_model_args({}).layers is None  # every block
 
 
 def test_none_means_the_default():

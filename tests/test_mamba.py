@@ -220,6 +220,59 @@ def test_quantize_requires_one_scale_per_layer(model):
         model.quantize(QuantSpec("same"), layer_scales(model)[:-1])
 
 
+class ValueRecorder:
+    """Stands in for recorder.Recorder: keeps each block's before and after values of one forward."""
+
+    def __init__(self):
+        self.values = {}
+
+    def layer(self, layer_idx, mask):
+        def observe(before, after, codes, clamped):
+            self.values[layer_idx] = (before.clone(), after.clone(), codes)
+
+        return observe
+
+
+def block_values(model, spec, scales, ids):
+    recorder = ValueRecorder()
+    model.quantize(spec, scales).recorder = recorder
+    try:
+        with torch.no_grad():
+            logits = model(ids)
+    finally:
+        model.quantize(QuantSpec("fp"), None).recorder = None
+    return logits, recorder.values
+
+
+@pytest.mark.parametrize("mode", ["int8", "better"])
+def test_layers_limits_the_mode_to_those_blocks(model, mode):
+    ids, scales = random_ids(2, 10), layer_scales(model)
+    fp_logits, fp = block_values(model, QuantSpec("fp"), None, ids)
+    full_logits, full = block_values(model, QuantSpec(mode), scales, ids)
+    every_logits, every = block_values(model, QuantSpec(mode, layers=(0, 1, 2)), scales, ids)
+    # Every block listed is the full mode, bit for bit.
+    assert torch.equal(every_logits, full_logits)
+    assert all(torch.equal(every[i][1], full[i][1]) for i in range(3))
+
+    only_middle_logits, only_middle = block_values(model, QuantSpec(mode, layers=(1,)), scales, ids)
+    # Block 0 runs unquantized on the same input as in fp: the same values exactly, and no codes.
+    assert torch.equal(only_middle[0][1], fp[0][1]) and only_middle[0][2] is None
+    # Block 1 quantizes: its output is its codes times the effective scale.
+    before, after, codes = only_middle[1]
+    assert codes is not None and not torch.equal(after, before)
+    assert torch.equal(after, codes * torch.tensor(QuantSpec(mode).effective_scale(scales[1].output), dtype=torch.float32))
+    # Block 2 does not quantize: after is before (its input already carries block 1's error).
+    assert only_middle[2][2] is None and torch.equal(only_middle[2][0], only_middle[2][1])
+    assert not torch.equal(only_middle_logits, fp_logits) and not torch.equal(only_middle_logits, full_logits)
+
+
+def test_layers_beyond_the_model_are_refused(model):
+    from lm_eval_floatsim.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"^layers='1\+3' is not allowed: expected blocks of 0-2 \(the model has 3\)$"):
+        model.quantize(QuantSpec("same", layers=(1, 3)), layer_scales(model))
+
+
 class CountingRecorder:
     """Stands in for recorder.Recorder: records which layer observed what, with which mask."""
 

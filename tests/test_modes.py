@@ -41,6 +41,13 @@ def test_the_built_in_modes_are_registered_in_order():
     assert QuantSpec("int8", 16, "half_even", "none").label == "int8"  # settings int8 does not use
 
 
+def test_layers_spelling_reads_back():
+    for text in ("0-5+12+20-23", "7", "0-1+3-4"):
+        assert modes.format_layers(modes.parse_layers(text)) == text
+    assert modes.parse_layers("3+1-2+2") == (1, 2, 3)
+    assert QuantSpec("better", 16, layers=(0, 1, 2, 5)).label == "better/16 layers=0-2+5"
+
+
 def test_one_rule_for_every_list_of_modes():
     assert parse_mode_list(" fp, better ", "--modes") == ["fp", "better"]
     for bad in ("", "int8,int8", "int8,int4"):
@@ -138,3 +145,48 @@ def test_a_dump_of_a_mode_this_installation_does_not_know_is_one_line(tmp_path):
                                 "layers": []}))
     with pytest.raises(InputError, match=r"config.mode: 'coarse' is not one of \['fp', 'int8', 'same', 'better'\]"):
         dumps.read_dump(good)
+
+
+def responses(results) -> list:
+    samples = sorted(results["samples"]["floatsim_lambada"], key=lambda sample: sample["doc_id"])
+    return [sample["resps"] for sample in samples]
+
+
+def test_layers_through_lm_eval_dumps_check_and_compare(model_files, tmp_path, capsys):
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    hf_folder, _, scales, _ = model_files  # 2 blocks
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+    def run(name, **args):
+        lm = floatsim(hf_folder, tmp_path / name, mode="int8", scales=scales, batch_size=4, **args)
+        tracker = EvaluationTracker(output_path=str(tmp_path / "results"))
+        results = evaluate(lm, task_manager, tasks=("floatsim_lambada",), evaluation_tracker=tracker)
+        kept = dict(results, samples=results.pop("samples"))
+        tracker.save_results_aggregated(results=results)
+        return kept, json.loads((tmp_path / name / "int8_baseline.json").read_text()), lm.response_settings()
+
+    full, full_dump, full_settings = run("full")
+    every, every_dump, every_settings = run("every", layers="0-1")
+    second, second_dump, second_settings = run("second", layers=1)
+
+    # Every block listed: the full mode's responses, metrics and per-layer values exactly.
+    assert responses(every) == responses(full) and every["results"] == full["results"]
+    assert every_dump["layers"] == full_dump["layers"] and every_dump["config"]["layers"] == [0, 1]
+    assert "layers" not in full_dump["config"]  # a run of every block keeps the format it had
+
+    # Block 1 only: block 0 recorded as fp, block 1 as int8; the cache tells the runs apart.
+    assert second_dump["config"]["layers"] == [1]
+    block0, block1 = second_dump["layers"]
+    assert block0["effective_scale"] is None and block0["codes"] is None and block0["after_quant"] == block0["before_quant"]
+    assert block0["stats"]["max_abs_err"] == 0.0
+    assert block1["effective_scale"] == block1["output_scale"] and block1["codes"] is not None
+    assert responses(second) != responses(full)
+    assert second_settings["layers"] == [1] and len({json.dumps(s) for s in (full_settings, every_settings, second_settings)}) == 3
+
+    results = checks.check_dumps(checks.load_dumps(tmp_path / "second"))
+    assert all(result.ok for result in results), [result.line() for result in results if not result.ok]
+    assert cli.main(["compare", str(tmp_path / "results")]) == 0
+    printed = capsys.readouterr().out
+    assert "| int8 layers=1 |" in printed and "| int8 layers=0-1 |" in printed
