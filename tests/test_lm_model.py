@@ -259,9 +259,13 @@ def test_sampling_settings_are_reported_and_decoding_stays_greedy(model_files, t
     assert "decodes greedily" in caplog.text and "temperature" in caplog.text
 
 
-def test_an_uncaught_user_error_prints_one_line(capsys):
+def test_an_uncaught_user_error_prints_one_line(capsys, monkeypatch):
     import sys
 
+    from lm_eval_floatsim.lm_eval_patches import install_one_line_user_errors
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)  # as a fresh process has it
+    install_one_line_user_errors()  # what constructing a FloatSimLM does first
     sys.excepthook(ArgumentError, ArgumentError("mode", "int4", "one of fp"), None)
     assert capsys.readouterr().err == "mamba_floatsim: error: mode='int4' is not allowed: expected one of fp\n"
 
