@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "dump": ("dump_command", "calibrate, run one forward pass per mode, write the dumps and check them"),
     "compare": ("compare", "compare runs (results + dumps): accuracy per mode, errors per layer"),
     "sweep": ("sweep", "evaluate several modes and divisors in one process, then compare"),
+    "sensitivity": ("sensitivity", "evaluate a mode in each block alone, in one process: which blocks matter"),
 }
 
 

@@ -297,7 +297,7 @@ def run_styles(group: dict) -> dict[str, dict]:
     return styles
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure.savefig(path, dpi=120, bbox_inches="tight")
@@ -336,7 +336,7 @@ def plot_accuracy(group: dict, path: Path) -> Path:
     axes[0, 0].set_title(f"Task metrics by mode (error bars: ±1 stderr)\n{_title(group)}")
     axes[0, 0].legend(title="mode", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_sqnr(group: dict, path: Path) -> Path:
@@ -358,4 +358,4 @@ def plot_sqnr(group: dict, path: Path) -> Path:
     axis.grid(alpha=0.3)
     axis.legend(title="mode", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)

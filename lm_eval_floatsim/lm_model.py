@@ -38,13 +38,17 @@ from .arguments import parse_model_args
 from .calibration import CalibrationSettings, Scales, cached_scales
 from .kernels.fast_path import GraphedForward
 from .lm_eval_patches import warn_once
-from .modes import QuantSpec
+from .modes import QuantSpec, parse_layers
 from .recorder import Recorder
 
 # Mamba has no position limit; the context lm-eval's own mamba_ssm model uses.
 DEFAULT_MAX_LENGTH = 2048
 # lm-eval's arguments that change a response, besides the model and its arithmetic.
 RESPONSE_ARGUMENTS = ("max_length", "truncation", "add_bos_token", "prefix_token_id", "softmax_dtype")
+
+
+# switch_mode's default for `layers`, whose None means every block.
+KEEP = object()
 
 
 class FloatSimLM(HFLM):
@@ -126,22 +130,23 @@ class FloatSimLM(HFLM):
         if self._statistics_closed:
             self._start_run()
 
-    def switch_mode(self, mode: str, divisor=None, rounding=None, clamp=None) -> None:
-        """Re-quantize the loaded model in another mode with the same scales (and the same `layers`);
-        the next evaluation is a new run (fresh recorder, its own dump file). None keeps the current value."""
+    def switch_mode(self, mode: str, divisor=None, rounding=None, clamp=None, layers=KEEP) -> None:
+        """Re-quantize the loaded model in another mode with the same scales; the next evaluation is
+        a new run (fresh recorder, its own dump file). None keeps the current value; `layers` (None:
+        every block) keeps the current blocks unless given."""
         current = self.floatsim_args
         spec = QuantSpec(
             mode,
             current.divisor if divisor is None else divisor,
             current.rounding if rounding is None else rounding,
             current.clamp if clamp is None else clamp,
-            current.layers,
+            current.layers if layers is KEEP else parse_layers(layers),
         )
         if spec.quantized and self.scales is None:
             self.scales = self._calibrated_scales()
         self.model.quantize(spec, self.scales.layers if self.scales is not None else None)
         self.floatsim_args = dataclasses.replace(
-            current, mode=spec.mode, divisor=spec.divisor, rounding=spec.rounding, clamp=spec.clamp
+            current, mode=spec.mode, divisor=spec.divisor, rounding=spec.rounding, clamp=spec.clamp, layers=spec.layers
         )
         self._start_run()
 

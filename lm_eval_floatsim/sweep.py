@@ -13,17 +13,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 from . import compare
 from .errors import ArgumentError, InputError
-from .modes import get_mode, is_quantized, parse_mode_list
+from .modes import format_layers, get_mode, is_quantized, parse_mode_list
 from .runs import load_run, run_label
 
 MODEL_NAME = "mamba_floatsim"
 # Set by sweep itself for each run; in --model_args they would be silently overridden.
-SWEPT_ARGUMENTS = ("mode", "divisor")
+SWEPT_ARGUMENTS = {"mode": "sweep sets it from --modes/--divisors", "divisor": "sweep sets it from --modes/--divisors"}
 
 
 def add_arguments(parser) -> None:
@@ -71,7 +73,16 @@ def parse_divisor(text: str) -> float:
     return value
 
 
-def sweep_plan(modes: str, divisors: str | None) -> list[tuple[str, float | None]]:
+class PlannedRun(NamedTuple):
+    """One evaluation of a sweep or a sensitivity analysis: the mode, its divisor, and the blocks it
+    applies to (None: those of --model_args, every block by default)."""
+
+    mode: str
+    divisor: Optional[float] = None
+    layers: Optional[tuple[int, ...]] = None
+
+
+def sweep_plan(modes: str, divisors: str | None) -> list[PlannedRun]:
     """The (mode, divisor) runs in order: each mode as listed, a mode with a finer scale once per divisor."""
     names = parse_mode_list(modes, "--modes")
     takes_divisor = {name: get_mode(name).takes_divisor for name in names}
@@ -80,13 +91,13 @@ def sweep_plan(modes: str, divisors: str | None) -> list[tuple[str, float | None
     values = [parse_divisor(text) for text in _split(divisors if divisors is not None else "2025")]
     if not values or len(set(values)) != len(values):
         raise ArgumentError("--divisors", divisors, "comma-separated distinct positive numbers")
-    return [(name, divisor) for name in names for divisor in (values if takes_divisor[name] else [None])]
+    return [PlannedRun(name, divisor) for name in names for divisor in (values if takes_divisor[name] else [None])]
 
 
 def check_baseline_swept(baseline: str, max_drop, plan) -> None:
     """A gate against a mode the sweep does not evaluate would fail only after hours of work."""
-    labels = [run_label(mode, divisor) for mode, divisor in plan]
-    modes = [mode for mode, _ in plan]
+    labels = [run_label(run.mode, run.divisor) for run in plan]
+    modes = [run.mode for run in plan]
     if max_drop is not None and baseline not in labels and modes.count(baseline) != 1:
         raise ArgumentError("--baseline", baseline, "one of the swept runs: " + ", ".join(labels))
 
@@ -100,8 +111,9 @@ def lm_eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def lm_eval_config(argv: list[str]):
-    """lm-eval's EvaluatorConfig from the arguments after `--`, checked for what sweep needs."""
+def lm_eval_config(argv: list[str], swept: dict = SWEPT_ARGUMENTS):
+    """lm-eval's EvaluatorConfig from the arguments after `--`, checked for what sweep needs;
+    `swept`: the model arguments the command sets itself, and who sets them."""
     from lm_eval.config.evaluate_config import EvaluatorConfig
 
     argv = argv[1:] if argv[:1] == ["--"] else argv
@@ -116,9 +128,9 @@ def lm_eval_config(argv: list[str]):
     config.hf_hub_log_args["output_path"] = config.output_path
     if os.environ.get("HF_TOKEN"):  # as lm-eval's own `run` does, for --hf_hub_log_args push_*
         config.hf_hub_log_args["token"] = os.environ["HF_TOKEN"]
-    for name in SWEPT_ARGUMENTS:
+    for name, setter in swept.items():
         if name in config.model_args:
-            raise ArgumentError(f"--model_args {name}", config.model_args[name], "nothing: sweep sets it from --modes/--divisors")
+            raise ArgumentError(f"--model_args {name}", config.model_args[name], f"nothing: {setter}")
     if not config.output_path or Path(config.output_path).suffix == ".json":
         raise ArgumentError("--output_path", config.output_path, "a folder: sweep saves every run's results there for compare")
     return config
@@ -137,23 +149,32 @@ def build_lm(model_args: dict, config):
 
 def evaluate_all(config, plan) -> list[Path]:
     """Load once, then per (mode, divisor): switch, evaluate, save. Returns the results files in order."""
+    first_quantized = next((run for run in plan if is_quantized(run.mode)), plan[0])
+    lm = build_lm(run_model_args(config.model_args, first_quantized.mode, first_quantized.divisor), config)
+    return [saved for _, saved in evaluate_runs(lm, config, plan)]
+
+
+def evaluate_runs(lm, config, plan: list[PlannedRun], progress: bool = False):
+    """Per planned run: switch the loaded model, evaluate, save as `lm_eval --output_path` saves.
+
+    Yields (results, results file) in order; nothing on a data-parallel rank other than 0.
+    """
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.utils import make_table
+    from tqdm import tqdm
 
     from .publishing import results_file_of
 
-    first_quantized = next(((mode, divisor) for mode, divisor in plan if is_quantized(mode)), plan[0])
-    lm = build_lm(run_model_args(config.model_args, *first_quantized), config)
     task_manager = config.process_tasks(config.metadata)
-    written = []
-    for mode, divisor in plan:
-        print(f"lm-eval-floatsim sweep: evaluating {run_label(mode, divisor)}", file=sys.stderr)
-        lm.switch_mode(mode, divisor=divisor)
+    for run in tqdm(plan, desc="evaluations", unit="run", disable=not progress):
+        label = run_label(run.mode, run.divisor, layers=run.layers)
+        print(f"lm-eval-floatsim: evaluating {label}", file=sys.stderr)
+        lm.switch_mode(run.mode, divisor=run.divisor, **({} if run.layers is None else {"layers": run.layers}))
         tracker = EvaluationTracker(**config.hf_hub_log_args)
-        results = lm_eval.simple_evaluate(model=lm, model_args=run_model_args(config.model_args, mode, divisor),
-                                          task_manager=task_manager, evaluation_tracker=tracker,
-                                          **simple_evaluate_options(config, run_label(mode, divisor)))
+        model_args = run_model_args(config.model_args, run.mode, run.divisor, run.layers)
+        results = lm_eval.simple_evaluate(model=lm, model_args=model_args, task_manager=task_manager,
+                                          evaluation_tracker=tracker, **simple_evaluate_options(config, label))
         if results is None:  # not rank 0 of a data-parallel run: rank 0 saves
             continue
         results["config"]["model"] = MODEL_NAME
@@ -161,19 +182,19 @@ def evaluate_all(config, plan) -> list[Path]:
         print(make_table(results))
         saved = results_file_of(tracker)
         if saved is None:
-            raise InputError(f"lm-eval did not save the results of {run_label(mode, divisor)} under {config.output_path}")
-        written.append(saved)
-    return written
+            raise InputError(f"lm-eval did not save the results of {label} under {config.output_path}")
+        yield results, saved
 
 
-def run_model_args(model_args: dict, mode: str, divisor) -> dict:
+def run_model_args(model_args: dict, mode: str, divisor, layers=None) -> dict:
     """The model arguments a separate `lm_eval` run of this mode would have had (recorded in the results)."""
-    return {**model_args, "mode": mode, **({} if divisor is None else {"divisor": divisor})}
+    chosen = {"mode": mode, **({} if divisor is None else {"divisor": divisor})}
+    return {**model_args, **chosen, **({} if layers is None else {"layers": format_layers(layers)})}
 
 
 def run_cache_path(use_cache, label: str):
     """The response database of one run: `use_cache` with the run's label (lm-eval adds `_rank<N>.db`)."""
-    return None if use_cache is None else f"{use_cache}_{label.replace('/', '_')}"
+    return None if use_cache is None else f"{use_cache}_{re.sub(r'[^A-Za-z0-9.+-]+', '_', label)}"
 
 
 def simple_evaluate_options(config, label: str) -> dict:

@@ -5,11 +5,21 @@
 without a network; one server per session, started on first use and stopped at the end.
 `hub_repos` gives those repositories and the transformers model whose weights they hold.
 A session that uses neither starts nothing (pytest creates fixtures on demand).
+
+`task_dir` (a lambada-style task `sweep_lambada` of N_DOCS documents) and `tiny_model` (a random
+3-block checkpoint with its calibration settings as model arguments) serve the commands that run
+many evaluations in one process, `sweep` and `sensitivity`.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import pytest
+
+N_DOCS = 10
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +35,49 @@ def hub(hub_repos):
 
     with hub_standin.HubStandIn(hub_repos.repos) as standin:
         yield standin
+
+
+TASK_YAML = """task: sweep_lambada
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
+doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture
+def task_dir(tmp_path) -> Path:
+    """A lambada-style task of N_DOCS documents, `sweep_lambada`, read from a local json file."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"passage {i} about the colour of the sky ends with blue{i}"}) + "\n"
+                            for i in range(N_DOCS)))
+    (folder / "sweep_lambada.yaml").write_text(TASK_YAML.format(data=data))
+    return folder
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    """A tiny random checkpoint, its calibration text and model arguments, for real sweeps; the
+    scales cache in tmp_path (no scales from another test's cache)."""
+    import lm_eval.evaluator
+    import lm_eval.tasks
+    from helpers_models import make_checkpoint
+
+    model_dir, _ = make_checkpoint(tmp_path / "model", layout="transformers", num_hidden_layers=3)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("".join(f"calibration sentence {i} about the colour of the sky\n" for i in range(8)))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # Speed only: index just the test's task folder, and skip lm-eval's environment report.
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+    return f"pretrained={model_dir},calib_data={calib},calib_samples=4,calib_seqlen=32,dump_dir={tmp_path / 'dumps'}"

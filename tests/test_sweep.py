@@ -21,23 +21,8 @@ from lm_eval_floatsim import cli, sweep
 from lm_eval_floatsim.runs import find_runs, summarize
 from test_compare import dump_name, make_dump, make_scales
 
-N_DOCS = 10
 # The fake model gets the first ACCURACY * 10 of every 10 documents right.
 ACCURACY = {"fp": 0.9, "int8": 0.6, "same": 0.6, "better": 0.8}
-TASK_YAML = """task: sweep_lambada
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: loglikelihood
-test_split: test
-doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
-doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 class FakeFloatSimLM(LM):
@@ -52,7 +37,7 @@ class FakeFloatSimLM(LM):
         self.scales_path = dump_dir / "scales.json"
         self.scales_path.write_text(json.dumps(self.scales))
 
-    def switch_mode(self, mode, divisor=None, rounding=None, clamp=None):
+    def switch_mode(self, mode, divisor=None, rounding=None, clamp=None, **layers):
         self.switches.append((mode, divisor))
         self.mode, self.divisor = mode, self.divisor if divisor is None else divisor
 
@@ -76,17 +61,6 @@ class FakeFloatSimLM(LM):
                              "model": self.scales["model"], "scales_file": str(self.scales_path),
                              "scales_sha256": self.scales["sha256"], "dump_file": str(path),
                              "layers": [{"layer_idx": layer["layer_idx"], **layer["stats"]} for layer in dump["layers"]]}}
-
-
-@pytest.fixture
-def task_dir(tmp_path) -> Path:
-    folder = tmp_path / "task"
-    folder.mkdir()
-    data = folder / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": f"passage {i} about the colour of the sky ends with blue{i}"}) + "\n"
-                            for i in range(N_DOCS)))
-    (folder / "sweep_lambada.yaml").write_text(TASK_YAML.format(data=data))
-    return folder
 
 
 @pytest.fixture
@@ -200,21 +174,6 @@ def test_bad_arguments_fail_before_anything_is_loaded(tmp_path, fakes, capsys, o
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert built == [] and calls == []
-
-
-@pytest.fixture
-def tiny_model(tmp_path, monkeypatch):
-    """A tiny random checkpoint, its calibration text and model arguments, for real sweeps; the
-    scales cache in tmp_path (no scales from another test's cache)."""
-    from helpers_models import make_checkpoint
-
-    model_dir, _ = make_checkpoint(tmp_path / "model", layout="transformers", num_hidden_layers=3)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("".join(f"calibration sentence {i} about the colour of the sky\n" for i in range(8)))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
-    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
-    return f"pretrained={model_dir},calib_data={calib},calib_samples=4,calib_seqlen=32,dump_dir={tmp_path / 'dumps'}"
 
 
 def test_real_sweep_calibrates_once_and_every_mode_passes_the_checks(tmp_path, task_dir, tiny_model, monkeypatch, capsys):
