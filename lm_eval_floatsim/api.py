@@ -33,6 +33,7 @@ def load_model(
     rounding: str = "half_away",
     clamp: str = "range",
     layers: Union[str, int, tuple, None] = None,
+    asic_dtype: str = "float32",
     scales: Union[str, Path, Scales, None] = None,
     calib_data: Optional[str] = None,
     calib_samples: Optional[int] = None,
@@ -50,11 +51,12 @@ def load_model(
     validation split, 512 tokens each, percentile 0.9995). Given with `scales`, they must match the
     settings recorded in the scales file. `scales` is None for mode=fp without a scales argument
     (the unquantized model needs none). `layers` ('0-5+12', see `modes.parse_layers`) limits
-    the mode to those blocks; the others run unquantized. `revision` (a branch, tag or commit of a hub id) selects
+    the mode to those blocks; the others run unquantized. `asic_dtype` (float32, float16,
+    bfloat16) is the format of the float simulation's arithmetic. `revision` (a branch, tag or commit of a hub id) selects
     the checkpoint's version and its own tokenizer's. Every argument is checked before the
     checkpoint is loaded.
     """
-    spec = QuantSpec(mode, divisor, rounding, clamp, parse_layers(layers))
+    spec = QuantSpec(mode, divisor, rounding, clamp, parse_layers(layers), asic_dtype)
     explicit = _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile)
     settings = CalibrationSettings(**explicit)
     resolve_dtype(dtype, device)

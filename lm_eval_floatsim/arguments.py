@@ -64,6 +64,7 @@ class ModelArgs:
     rounding: str = "half_away"
     clamp: str = "range"
     layers: Optional[tuple[int, ...]] = None
+    asic_dtype: str = "float32"
     dump_dir: str = "yzCheckFloatSim"
     dump_n: int = 10
     calib_data: Optional[str] = None
@@ -77,7 +78,7 @@ class ModelArgs:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.mode, self.divisor, self.rounding, self.clamp, self.layers)
+        return QuantSpec(self.mode, self.divisor, self.rounding, self.clamp, self.layers, self.asic_dtype)
 
     @property
     def model_id(self) -> str:
@@ -102,6 +103,7 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
         "rounding": values.get("rounding", ModelArgs.rounding),
         "clamp": values.get("clamp", ModelArgs.clamp),
         "layers": parse_layers(values.get("layers")),
+        "asic_dtype": values.get("asic_dtype", ModelArgs.asic_dtype),
         "dump_dir": _dump_dir(values.get("dump_dir", ModelArgs.dump_dir)),
         "dump_n": _positive_int("dump_n", values.get("dump_n", ModelArgs.dump_n)),
         "calib_data": _optional(values, "calib_data", _calibration_data),
@@ -114,13 +116,15 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
         "harness": _harness_arguments(values),
     }
     # QuantSpec validates mode, rounding and clamp, with the messages every other entry point gives.
-    QuantSpec(parsed["mode"], parsed["divisor"], parsed["rounding"], parsed["clamp"])
+    QuantSpec(parsed["mode"], parsed["divisor"], parsed["rounding"], parsed["clamp"], asic_dtype=parsed["asic_dtype"])
     if parsed["revision"] is not None and Path(parsed["pretrained"]).is_dir():
         raise ArgumentError("revision", parsed["revision"], f"no revision: pretrained={parsed['pretrained']} is a local folder")
     args = ModelArgs(**parsed)
     if "divisor" in values and not args.spec.kind.takes_divisor:
         takers = " or ".join(f"mode={mode.name}" for mode in registry().values() if mode.takes_divisor)
         logger.warning("divisor=%s only applies to %s; mode=%s ignores it", values["divisor"], takers, args.mode)
+    if "asic_dtype" in values and not args.spec.kind.float_sim:
+        logger.warning("asic_dtype=%s only applies to the float simulation; mode=%s ignores it", values["asic_dtype"], args.mode)
     return args
 
 

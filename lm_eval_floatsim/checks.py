@@ -33,7 +33,7 @@ import numpy as np
 
 from .dumps import parse_filename, read_dump
 from .errors import InputError
-from .modes import INT8_KERNEL, Mode, format_divisor, get_mode, registry
+from .modes import ASIC_DTYPES, INT8_KERNEL, Mode, format_divisor, get_mode, registry
 
 CODE_AGREEMENT = 0.9999
 QUANTIZED_FIELDS = ("effective_scale", "output_scale", "before_quant", "after_quant", "codes")
@@ -84,6 +84,12 @@ class DumpFile:
     @property
     def quantized(self) -> bool:
         return self.kind.quantized
+
+    @property
+    def asic_dtype(self) -> str:
+        """The format of the run's float arithmetic (config.asic_dtype; float32 when not recorded)."""
+        recorded = self.config.get("asic_dtype")
+        return recorded if recorded in ASIC_DTYPES else "float32"
 
     @functools.cached_property
     def selected_layers(self) -> Optional[frozenset]:
@@ -297,14 +303,15 @@ def check_effective_scale(file: DumpFile) -> CheckResult:
     failures = []
     for layer in filter(file.quantizes, file.layers):
         effective, output = layer["effective_scale"], layer["output_scale"]
-        if _is_number(effective) and _is_number(output) and not scales_match(effective, file.kind.effective_scale(output, file.divisor)):
-            expected = file.kind.effective_scale(output, file.divisor)
+        expected = file.kind.effective_scale(output, file.divisor) if _is_number(output) else None
+        if _is_number(effective) and expected is not None and not scales_match(effective, expected, file.asic_dtype):
             ratio = f" (ratio {effective / expected:.6g})" if expected else ""
             failures.append((layer["layer_idx"], f"effective_scale {effective!r} != {rule} = {expected!r}{ratio}"))
     if failures:
         return _first_failure(name, failures)
     where = "in every quantized layer, null in the others" if file.unquantized_layers() else "in every layer"
-    return CheckResult(name, True, f"= {rule} {where} (to 1 fp32 ulp)")
+    ulp = "fp32" if file.asic_dtype == "float32" else file.asic_dtype
+    return CheckResult(name, True, f"= {rule} {where} (to 1 {ulp} ulp)")
 
 
 def check_grid(file: DumpFile) -> CheckResult:
@@ -430,17 +437,17 @@ def check_reproduces(same: DumpFile, int8: DumpFile, n_layer: int) -> list[Check
     pairs = list(_layer_pairs(same, int8, n_layer))
     prefix = f"{same.name} vs {int8.name}"
     return [
-        _check_same_effective_scale(prefix, pairs),
+        _check_same_effective_scale(prefix, pairs, same.asic_dtype),
         _check_same_codes(prefix, pairs),
         _after_quant_difference(prefix, pairs),
     ]
 
 
-def _check_same_effective_scale(prefix: str, pairs) -> CheckResult:
+def _check_same_effective_scale(prefix: str, pairs, fmt: str = "float32") -> CheckResult:
     name = f"{prefix}: effective scale"
     for layer_idx, same, int8 in pairs:
         a, b = same["effective_scale"], int8["effective_scale"]
-        if _is_number(a) and _is_number(b) and not scales_match(a, b):
+        if _is_number(a) and _is_number(b) and not scales_match(a, b, fmt):
             return CheckResult(name, False, f"layer {layer_idx}: {a!r} vs the baseline's {b!r}", layer_idx)
     return CheckResult(name, True, "the baseline's in every layer")
 
@@ -534,9 +541,14 @@ def _layer_pairs(first: DumpFile, second: DumpFile, n_layer: int):
 # --- numbers ----------------------------------------------------------------------------------
 
 
-def scales_match(a: float, b: float) -> bool:
-    """Within one fp32 ulp of b: the same scale as the fp32 kernel applies it (see the module doc)."""
-    return abs(a - b) <= float(np.spacing(np.float32(abs(b))))
+def scales_match(a: float, b: float, fmt: str = "float32") -> bool:
+    """Within one ulp of b in `fmt` (the arithmetic's format): the same scale as the kernel or the
+    ASIC applies it (see the module doc)."""
+    if fmt == "float32":
+        return abs(a - b) <= float(np.spacing(np.float32(abs(b))))
+    bits, smallest = ASIC_DTYPES[fmt]
+    ulp = max(math.ldexp(1.0, math.frexp(abs(b))[1] - bits), math.ldexp(1.0, smallest))
+    return abs(a - b) <= ulp
 
 
 def _fp32_product(code, scale) -> np.float32:

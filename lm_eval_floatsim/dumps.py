@@ -27,7 +27,7 @@ from . import __version__
 from .errors import InputError
 from .files import write_json_atomic
 from .modes import INT8_KERNEL, get_mode, mode_names, registry
-from .quant import LayerScales, QuantSpec
+from .quant import LayerScales, QuantSpec, effective_scale as quant_effective_scale
 
 DUMP_FORMAT = "lm_eval_floatsim.dump/1"
 DEFAULT_DUMP_DIR = "yzCheckFloatSim"
@@ -65,8 +65,10 @@ def build_dump(recorder, spec: QuantSpec, scales: Optional[Sequence[LayerScales]
         "rounding": spec.output_rounding if spec.quantized else None,
         "clamp": mode.clamp_setting(spec.clamp),
         "code_range": None if spec.code_range() is None else [float(bound) for bound in spec.code_range()],
-        # Only a run of some blocks records them: a run of every block keeps the format it always had.
+        # Only a run of some blocks records them, and only a float simulation in another format its
+        # format: the other runs keep the format they always had.
         **({} if spec.layers is None else {"layers": list(spec.layers)}),
+        **({} if spec.asic_format == "float32" else {"asic_dtype": spec.asic_format}),
         **{key: meta.get(key) for key in META_KEYS},
         "n_layer": recorder.n_layer,
         "dump_n": recorder.dump_n,
@@ -158,7 +160,7 @@ def _reject_constant(name: str):
 
 def _layer_entry(spec: QuantSpec, scales: Optional[LayerScales], snapshot, summary: dict, dump_n: int) -> dict:
     output_scale = scales.output if scales is not None else None
-    effective_scale = spec.effective_scale(output_scale) if spec.quantized else None
+    effective_scale = quant_effective_scale(spec, output_scale) if spec.quantized else None
     if snapshot is None:
         before = after = [None] * dump_n
         codes = [None] * dump_n if spec.quantized else None

@@ -98,6 +98,7 @@ class FloatSimLM(HFLM):
                 rounding=args.rounding,
                 clamp=args.clamp,
                 layers=args.layers,
+                asic_dtype=args.asic_dtype,
                 scales=args.scales,
                 calib_data=args.calib_data,
                 calib_samples=args.calib_samples,
@@ -141,6 +142,7 @@ class FloatSimLM(HFLM):
             current.rounding if rounding is None else rounding,
             current.clamp if clamp is None else clamp,
             current.layers if layers is KEEP else parse_layers(layers),
+            current.asic_dtype,
         )
         if spec.quantized and self.scales is None:
             self.scales = self._calibrated_scales()
@@ -195,6 +197,7 @@ class FloatSimLM(HFLM):
             "code_range": list(code_range) if code_range is not None else None,
             "scales_sha256": self.scales.sha256 if spec.quantized else None,
             "layers": None if spec.layers is None else list(spec.layers),
+            "asic_dtype": spec.asic_format,
             **{name: args.harness[name] for name in RESPONSE_ARGUMENTS if name in args.harness},
         }
 

@@ -27,6 +27,9 @@ from .errors import ArgumentError
 FP, INT8_KERNEL, FLOAT_SIM = "fp", "int8_kernel", "float_sim"
 ARITHMETICS = (FP, INT8_KERNEL, FLOAT_SIM)
 ROUNDINGS = ("half_away", "half_even")
+# The formats the ASIC may compute the float simulation in (quant rounds every step of it to one):
+# significand bits and the exponent of the smallest subnormal, which set the ulp `check` allows.
+ASIC_DTYPES = {"float32": (24, -149), "float16": (11, -24), "bfloat16": (8, -133)}
 CLAMPS = ("range", "none")
 INT8_RANGE = (-128, 127)
 # The INT8 kernel rounds with CUDA's roundf; operands are quantized the same way in every mode so
@@ -188,11 +191,14 @@ def parse_mode_list(text: str, argument: str) -> list[str]:
     return names
 
 
-def run_label(mode: str, divisor=None, rounding=None, clamp=None, layers=None) -> str:
-    """A run's short name: the mode's label (`Mode.label`), with `layers=...` for a run of some
-    blocks; a mode this installation does not know (a plugin's, recorded elsewhere) by its name."""
+def run_label(mode: str, divisor=None, rounding=None, clamp=None, layers=None, asic_dtype=None) -> str:
+    """A run's short name: the mode's label (`Mode.label`), with `asic=float16` for a float
+    simulation in another format and `layers=...` for a run of some blocks; a mode this
+    installation does not know (a plugin's, recorded elsewhere) by its name."""
     known = registry().get(mode)
     label = known.label(divisor, rounding, clamp) if known is not None else mode
+    if known is not None and known.float_sim and asic_dtype not in (None, QuantSpec.asic_dtype):
+        label += f" asic={asic_dtype}"
     return label if not layers else f"{label} layers={format_layers(tuple(layers))}"
 
 
@@ -243,9 +249,11 @@ class QuantSpec:
     rounding: str = "half_away"
     clamp: str = "range"
     layers: Optional[tuple[int, ...]] = None
+    asic_dtype: str = "float32"
 
     def __post_init__(self):
         get_mode(self.mode)
+        _require("asic_dtype", self.asic_dtype, self.asic_dtype in ASIC_DTYPES, "one of " + ", ".join(ASIC_DTYPES))
         layers_ok = self.layers is None or (
             isinstance(self.layers, tuple) and self.layers and list(self.layers) == sorted(set(self.layers))
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
@@ -276,7 +284,13 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        return run_label(self.mode, self.divisor, self.rounding, self.clamp, self.layers)
+        return run_label(self.mode, self.divisor, self.rounding, self.clamp, self.layers, self.asic_dtype)
+
+    @property
+    def asic_format(self) -> str:
+        """The format of the float simulation's arithmetic: `asic_dtype` for a float simulation;
+        float32 for the other modes, whose arithmetic has no such choice."""
+        return self.asic_dtype if self.kind.float_sim else "float32"
 
     def quantizes_layer(self, layer_idx: int) -> bool:
         return self.quantized and (self.layers is None or layer_idx in self.layers)

@@ -56,6 +56,7 @@ def results_section(dump: dict, dump_path: Path, scales: Optional[Scales], dump_
         "rounding": config["rounding"],
         "clamp": config["clamp"],
         "quantized_layers": config.get("layers"),  # None: every block
+        "asic_dtype": config.get("asic_dtype", "float32"),
         "model": config["model"],
         "scales_file": str(scales.path) if scales is not None and scales.path is not None else None,
         "scales_sha256": config["scales_sha256"],

@@ -11,6 +11,8 @@ in_proj, so no transposing copy is needed. The conv is depthwise and causal with
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -18,6 +20,13 @@ import torch
 
 from .errors import ArgumentError
 from .modes import FP, INT8_KERNEL, INT8_RANGE, KERNEL_ROUNDING, QuantSpec
+
+logger = logging.getLogger(__name__)
+
+# The float simulation's arithmetic formats (`asic_dtype`). torch computes each elementwise +, *,
+# / of float16 or bfloat16 tensors in float32 and rounds the result once; float32 carries more
+# than 2p + 2 bits of either format, so that is the correctly rounded result of the format itself.
+FORMATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 Observer = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], None]
 
@@ -50,8 +59,12 @@ def round_codes(t: torch.Tensor, rounding: str) -> torch.Tensor:
 def quantize_codes(
     t: torch.Tensor, scale: float, rounding: str, code_range: Optional[tuple[float, float]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``clamp(rnd(t / scale), lo, hi)`` as fp32 integers, and where clamping changed them."""
-    rounded = round_codes(t / _fp32(scale, t.device), rounding)
+    """Codes ``clamp(rnd(t / scale), lo, hi)`` as fp32 integers, and where clamping changed them.
+
+    The division is in t's format (with the scale rounded to it); rounding and clamping, exact on
+    integers, are in fp32, where codes beyond a 16-bit format's range still fit.
+    """
+    rounded = round_codes((t / _scalar(scale, t.dtype, t.device)).float(), rounding)
     if code_range is None:
         return rounded, torch.zeros_like(rounded, dtype=torch.bool)
     codes = rounded.clamp(code_range[0], code_range[1])
@@ -92,12 +105,14 @@ def conv_silu(
     receives fp32 tensors of x's shape; before is the fp32 value ahead of output quantization
     (for int8 the emulated kernel's internal y); codes and clamped are None for fp.
     """
-    if x.is_cuda:  # the fused Triton kernel computes the same, where it can run
+    if x.is_cuda and spec.asic_format == "float32":  # the fused Triton kernel computes the same, where it can run
         from .kernels import fused_conv_silu
 
         fused = fused_conv_silu(x, weight, bias, spec, scales, observer, left_context, mask)
         if fused is not None:
             return fused
+    elif x.is_cuda:
+        _warn_unfused(spec.asic_format)
     padding = None if mask is None else (mask == 0).unsqueeze(-1)
     if padding is not None:
         x = x.masked_fill(padding, 0)
@@ -123,14 +138,32 @@ def _conv_silu_values(x, weight, bias, spec, scales, observer, left_context) -> 
     if arithmetic == INT8_KERNEL:
         y = silu(_int8_kernel_preactivation(X, W, Bq, scales))
     else:
-        dev = x.device
-        y = silu(causal_conv(X * _fp32(scales.input, dev), W * _fp32(scales.weight, dev), Bq * _fp32(scales.bias, dev)))
-    effective = spec.effective_scale(scales.output)
+        y = _float_sim_conv_silu(X, W, Bq, scales, FORMATS[spec.asic_format])
+    effective = effective_scale(spec, scales.output)
     codes, clamped = quantize_codes(y, effective, spec.output_rounding, spec.code_range())
     after = codes * _fp32(effective, x.device)
     if observer is not None:
-        observer(y, after, codes, clamped)
+        observer(y.float(), after, codes, clamped)
     return after.to(x.dtype)
+
+
+def _float_sim_conv_silu(X, W, Bq, scales: LayerScales, dtype: torch.dtype) -> torch.Tensor:
+    """SiLU(conv(X * s_x, W * s_w) + Bq * s_b) with every operand, product and sum, the exp, the
+    sum 1 + exp and the division rounded to `dtype`, in the order of the fp32 path."""
+    dev = X.device
+    inputs, weights, bias = (codes.to(dtype) * _scalar(scale, dtype, dev) for codes, scale in
+                             ((X, scales.input), (W, scales.weight), (Bq, scales.bias)))
+    return silu(causal_conv(inputs, weights, bias))
+
+
+def effective_scale(spec: QuantSpec, output_scale: float) -> Optional[float]:
+    """The effective scale the arithmetic applies: the mode's (`QuantSpec.effective_scale`), as
+    fp32, rounded to the ASIC's format for a float simulation in float16 or bfloat16 (what the
+    dumps record and `check` verifies)."""
+    exact = spec.effective_scale(output_scale)
+    if exact is None or spec.asic_format == "float32":
+        return exact
+    return _scalar(exact, FORMATS[spec.asic_format], "cpu").item()
 
 
 def causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -160,3 +193,13 @@ def _int8_kernel_preactivation(X, W, Bq, scales: LayerScales) -> torch.Tensor:
 
 def _fp32(value: float, device) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def _scalar(value: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """A scale as the arithmetic holds it: rounded to fp32, as scales are stored, then to `dtype`."""
+    return _fp32(value, device).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unfused(asic_dtype: str) -> None:
+    logger.warning("asic_dtype=%s: the fused CUDA kernel computes in float32; the PyTorch path runs instead", asic_dtype)

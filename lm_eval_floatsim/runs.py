@@ -300,7 +300,8 @@ def summarize(run: dict) -> dict:
     mode = section.get("mode", "?")
     layers = layer_stats(run)
     return {
-        "label": run_label(mode, section.get("divisor"), section.get("rounding"), section.get("clamp"), section.get("quantized_layers")),
+        "label": run_label(mode, section.get("divisor"), section.get("rounding"), section.get("clamp"), section.get("quantized_layers"),
+                           section.get("asic_dtype")),
         "mode": mode,
         "divisor": section.get("divisor"),
         "rounding": section.get("rounding"),

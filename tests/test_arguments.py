@@ -46,6 +46,7 @@ BAD_ARGUMENTS = [
     ({"revision": ""}, "revision", "a non-empty string"),
     ({"layers": "0-5;12"}, "layers", "block indices and ranges joined by +, e.g. 0-5+12+20-23"),
     ({"layers": "5-3"}, "layers", "(a range runs upwards)"),
+    ({"asic_dtype": "float8"}, "asic_dtype", "one of float32, float16, bfloat16"),
     ({"layers": -1}, "layers", "block indices and ranges joined by +"),
     ({"revision": "v1", "pretrained": "model"}, "revision", "no revision: pretrained=model is a local folder"),
     ({"batch_size": "large"}, "batch_size", "an integer >= 1, auto or auto:N"),

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np
 import pytest
+import torch
 
 from fixtures import coarse_mode_plugin
 from fixtures.floatsim_runs import TASKS_DIR, evaluate, floatsim, make_model
@@ -190,3 +191,23 @@ def test_layers_through_lm_eval_dumps_check_and_compare(model_files, tmp_path, c
     assert cli.main(["compare", str(tmp_path / "results")]) == 0
     printed = capsys.readouterr().out
     assert "| int8 layers=1 |" in printed and "| int8 layers=0-1 |" in printed
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_asic_dtype_through_lm_eval_dumps_and_check(model_files, tmp_path, fmt):
+    from lm_eval.tasks import TaskManager
+
+    hf_folder, _, scales, _ = model_files
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    lm = floatsim(hf_folder, tmp_path / "dumps", mode="better", divisor=16, asic_dtype=fmt, scales=scales, batch_size=4)
+    results = evaluate(lm, task_manager, tasks=("floatsim_lambada",))
+    assert results["config"]["floatsim"]["asic_dtype"] == fmt and lm.spec.label == f"better/16 asic={fmt}"
+    dump = dumps.read_dump(tmp_path / "dumps" / "floatsim_betterscale_16.json")
+    assert dump["config"]["asic_dtype"] == fmt
+    for layer in dump["layers"]:
+        # The scale the ASIC holds: s_y / 16 in fp32, rounded to fmt (a power-of-two divisor keeps it exact).
+        held = torch.tensor(np.float32(layer["output_scale"] / 16)).to(getattr(torch, fmt)).item()
+        assert layer["effective_scale"] == held
+    results = checks.check_dumps(checks.load_dumps(tmp_path / "dumps"))
+    assert all(result.ok for result in results), [result.line() for result in results if not result.ok]
+    assert f"(to 1 {fmt} ulp)" in next(result.detail for result in results if result.name.endswith("effective scale"))

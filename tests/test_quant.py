@@ -5,6 +5,7 @@ Fractions, numpy int64 / float32 / float64, or torch float64 -- never with quant
 so that a mistake in quant.py cannot hide behind the same mistake in its reference.
 """
 
+import functools
 from fractions import Fraction
 from math import floor
 from types import SimpleNamespace
@@ -638,3 +639,65 @@ def test_quantized_modes_require_scales():
 @pytest.mark.parametrize("divisor, text", [(2025.0, "2025"), (2.5, "2.5"), (16, "16"), (0.1, "0.1"), (2025, "2025")])
 def test_format_divisor(divisor, text):
     assert format_divisor(divisor) == text
+
+
+# --- the float simulation in float16 and bfloat16 (asic_dtype) -------------------------------------
+
+
+def round_to_format(values: np.ndarray, fmt: str) -> np.ndarray:
+    """Float64 values rounded to nearest-even in `fmt`: numpy's own float16; bfloat16 by keeping 8
+    significant bits (the values here are normal or zero)."""
+    if fmt == "float16":
+        return values.astype(np.float16).astype(np.float64)
+    mantissa, exponent = np.frexp(values)
+    return np.ldexp(np.rint(np.ldexp(mantissa, 8)), exponent - 8)
+
+
+def emulated_float_sim(X, W, Bq, s_x, s_w, s_b, s_eff, fmt):
+    """SPEC's float simulation with every operand, product, sum, exp, 1 + exp and division rounded to
+    `fmt`, in float64 (exact for every single operation on these formats) and numpy."""
+    R = functools.partial(round_to_format, fmt=fmt)
+    scale = lambda s: R(np.float64(np.float32(s)))  # noqa: E731 - stored as fp32, then held in fmt
+    xs, ws, bs = R(X * scale(s_x)), R(W * scale(s_w)), R(Bq * scale(s_b))
+    length = X.shape[1] - K + 1
+    out = np.broadcast_to(bs, (X.shape[0], length, X.shape[2]))
+    for k in range(K):
+        out = R(out + R(ws[:, k] * xs[:, k : k + length]))
+    y = R(out / R(1 + R(np.exp(-out))))
+    q = R(y / scale(s_eff))
+    codes = np.clip(np.sign(q) * np.floor(np.abs(q) + 0.5), INT8_LO, INT8_HI)
+    return y, codes
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_asic_dtype_rounds_every_step_to_its_format(fmt):
+    gen = np.random.default_rng(7)
+    batch, length, channels = 4, 300, 48
+    X = gen.integers(-128, 128, (batch, length + K - 1, channels)).astype(np.float64)
+    W = gen.integers(-128, 128, (channels, K)).astype(np.float64)
+    Bq = gen.integers(-128, 128, channels).astype(np.float64)
+    # Powers of two for the operands' scales, so that x = X * s_x quantizes back to X exactly.
+    scales = LayerScales(input=2.0**-7, output=float(np.float32(0.0173)), weight=2.0**-9, bias=2.0**-8)
+    spec = QuantSpec("same", asic_dtype=fmt)
+    seen = {}
+
+    def observe(before, after, codes, clamped):
+        seen.update(before=before.numpy().astype(np.float64), codes=codes.numpy())
+
+    x = torch.tensor(X[:, K - 1 :] * scales.input, dtype=torch.float32)
+    left = torch.tensor(X[:, : K - 1] * scales.input, dtype=torch.float32)
+    conv_silu(x, torch.tensor(W * scales.weight, dtype=torch.float32), torch.tensor(Bq * scales.bias, dtype=torch.float32),
+              spec, scales, observe, left_context=left)
+    y, codes = emulated_float_sim(X, W, Bq, scales.input, scales.weight, scales.bias, scales.output, fmt)
+
+    # torch's exp is fp32's (within an ulp of the true exp) before the rounding to fmt; where that
+    # ulp straddles a rounding boundary of fmt (about 2^-13 of values for float16, 2^-16 for
+    # bfloat16) y differs by one ulp of fmt, and a code at a tie by one.
+    assert np.mean(seen["before"] == y) > 0.999
+    assert np.abs(seen["codes"] - codes).max() <= 1 and np.mean(seen["codes"] == codes) > 0.999
+    # Not the fp32 path: the format shows in the values.
+    fp32 = {}
+    conv_silu(x, torch.tensor(W * scales.weight, dtype=torch.float32), torch.tensor(Bq * scales.bias, dtype=torch.float32),
+              QuantSpec("same"), scales, lambda b, a, c, m: fp32.update(before=b.numpy()), left_context=left)
+    assert np.mean(fp32["before"] != seen["before"]) > 0.3
+    assert np.array_equal(round_to_format(seen["before"], fmt), seen["before"])  # before_quant holds fmt values
