@@ -85,21 +85,14 @@ def sensitivity_plan(mode: str, divisor, n_layer: int, leave_one_out: bool) -> l
 # --- the report ----------------------------------------------------------------------------------
 
 
-def metrics_of(results: dict) -> dict:
-    """{task: {"acc,none": value, ...}} with lm-eval's metric keys (groups' aggregates left out)."""
-    metrics: dict = {}
+def metrics_of(results: dict, field: str = "value") -> dict:
+    """{task: {"acc,none": value, ...}} with lm-eval's metric keys (groups' aggregates left out);
+    field="stderr" gives their standard errors."""
+    found: dict = {}
     for row in metric_rows(results):
         if not row["aggregate"]:
-            metrics.setdefault(row["task"], {})[f"{row['metric']},{row['filter']}"] = row["value"]
-    return metrics
-
-
-def stderrs_of(results: dict) -> dict:
-    stderrs: dict = {}
-    for row in metric_rows(results):
-        if not row["aggregate"]:
-            stderrs.setdefault(row["task"], {})[f"{row['metric']},{row['filter']}"] = row["stderr"]
-    return stderrs
+            found.setdefault(row["task"], {})[f"{row['metric']},{row['filter']}"] = row[field]
+    return found
 
 
 def delta(metrics: dict, reference: dict) -> dict:
@@ -121,7 +114,7 @@ def sensitivity_report(spec: QuantSpec, plan: list, evaluated: list[dict]) -> di
         results = by_run[run]
         metrics = metrics_of(results)
         return {"layer_idx": layer_idx, "layers": format_layers(run.layers), "metrics": metrics,
-                "stderr": stderrs_of(results), "delta": delta(metrics, fp), "sqnr_db": block_sqnr(results, layer_idx)}
+                "stderr": metrics_of(results, "stderr"), "delta": delta(metrics, fp), "sqnr_db": block_sqnr(results, layer_idx)}
 
     singles = [run for run in plan[2:] if len(run.layers) == 1]
     all_but = [run for run in plan[2:] if len(run.layers) != 1]
