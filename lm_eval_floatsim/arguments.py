@@ -19,7 +19,7 @@ from typing import Any, Optional
 from .calibration import LOCAL_SUFFIXES, parse_dataset_name
 from .errors import ArgumentError
 from .loading import DTYPES as TORCH_DTYPES
-from .loading import model_label
+from .loading import model_label, refuse_revision_of_folder
 from .modes import QuantSpec, parse_layers, registry
 
 logger = logging.getLogger(__name__)
@@ -59,12 +59,12 @@ class ModelArgs:
     pretrained: str = DEFAULT_PRETRAINED
     revision: Optional[str] = None
     tokenizer: Optional[str] = None
-    mode: str = "fp"
-    divisor: float = 2025.0
-    rounding: str = "half_away"
-    clamp: str = "range"
-    layers: Optional[tuple[int, ...]] = None
-    asic_dtype: str = "float32"
+    mode: str = QuantSpec.mode
+    divisor: float = QuantSpec.divisor
+    rounding: str = QuantSpec.rounding
+    clamp: str = QuantSpec.clamp
+    layers: Optional[tuple[int, ...]] = QuantSpec.layers
+    asic_dtype: str = QuantSpec.asic_dtype
     dump_dir: str = "yzCheckFloatSim"
     dump_n: int = 10
     calib_data: Optional[str] = None
@@ -117,8 +117,7 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
     }
     # QuantSpec validates mode, rounding and clamp, with the messages every other entry point gives.
     QuantSpec(parsed["mode"], parsed["divisor"], parsed["rounding"], parsed["clamp"], asic_dtype=parsed["asic_dtype"])
-    if parsed["revision"] is not None and Path(parsed["pretrained"]).is_dir():
-        raise ArgumentError("revision", parsed["revision"], f"no revision: pretrained={parsed['pretrained']} is a local folder")
+    refuse_revision_of_folder(parsed["pretrained"], parsed["revision"])
     args = ModelArgs(**parsed)
     if "divisor" in values and not args.spec.kind.takes_divisor:
         takers = " or ".join(f"mode={mode.name}" for mode in registry().values() if mode.takes_divisor)

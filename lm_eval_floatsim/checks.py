@@ -101,6 +101,7 @@ class DumpFile:
         """Whether the run quantized this layer (the others are recorded as fp)."""
         return self.quantized and (self.selected_layers is None or layer["layer_idx"] in self.selected_layers)
 
+    @functools.cached_property
     def unquantized_layers(self) -> list:
         return [layer for layer in self.layers if not self.quantizes(layer)]
 
@@ -270,7 +271,7 @@ def check_no_nulls(file: DumpFile) -> CheckResult:
         in_layers = len({layer for layer, _ in problems})
         detail = f"layer {layer_idx}: {where} is null or not finite ({len(problems)} in {in_layers} layers)"
         return CheckResult(name, False, detail, layer_idx)
-    if file.quantized and file.unquantized_layers():
+    if file.quantized and file.unquantized_layers:
         return CheckResult(name, True, "scales, values and codes present in every quantized layer, values in the others")
     checked = "scales, values and codes" if file.quantized else "values"
     return CheckResult(name, True, f"{checked} present in every layer")
@@ -294,7 +295,7 @@ def check_config_flags(file: DumpFile) -> CheckResult:
 
 def check_effective_scale(file: DumpFile) -> CheckResult:
     name = f"{file.name}: effective scale"
-    for layer in file.unquantized_layers():
+    for layer in file.unquantized_layers:
         if layer["effective_scale"] is not None:
             return CheckResult(name, False, f"layer {layer['layer_idx']}: fp has an effective scale", layer["layer_idx"])
     if not file.quantized:
@@ -309,14 +310,14 @@ def check_effective_scale(file: DumpFile) -> CheckResult:
             failures.append((layer["layer_idx"], f"effective_scale {effective!r} != {rule} = {expected!r}{ratio}"))
     if failures:
         return _first_failure(name, failures)
-    where = "in every quantized layer, null in the others" if file.unquantized_layers() else "in every layer"
+    where = "in every quantized layer, null in the others" if file.unquantized_layers else "in every layer"
     ulp = "fp32" if file.asic_dtype == "float32" else file.asic_dtype
     return CheckResult(name, True, f"= {rule} {where} (to 1 {ulp} ulp)")
 
 
 def check_grid(file: DumpFile) -> CheckResult:
     name = f"{file.name}: values on the grid"
-    for layer in file.unquantized_layers():
+    for layer in file.unquantized_layers:
         for j, (before, after) in enumerate(zip(layer["before_quant"], layer["after_quant"])):
             if _is_number(before) and _is_number(after) and before != after:
                 detail = f"layer {layer['layer_idx']}: after_quant[{j}] {after!r} != before_quant[{j}] {before!r}"
@@ -333,7 +334,7 @@ def check_grid(file: DumpFile) -> CheckResult:
         rule += ", before_quant = code * output_scale"
     bounds = "unclamped" if code_range is None else f"in [{format_divisor(code_range[0])}, {format_divisor(code_range[1])}]"
     source = "" if any(isinstance(layer.get("codes"), list) for layer in file.layers) else "; codes derived from after_quant"
-    others = "; after_quant = before_quant in the unquantized layers" if file.unquantized_layers() else ""
+    others = "; after_quant = before_quant in the unquantized layers" if file.unquantized_layers else ""
     return CheckResult(name, True, f"{rule} (fp32), integer codes {bounds}{source}{others}")
 
 

@@ -56,19 +56,10 @@ def build_dump(recorder, spec: QuantSpec, scales: Optional[Sequence[LayerScales]
     """
     meta = meta or {}
     extras = {key: value for key, value in meta.items() if key not in META_KEYS}
-    mode = spec.kind
     config = {
-        **mode.config_flags(),
+        **spec.kind.config_flags(),
         "format": DUMP_FORMAT,
-        "mode": spec.mode,
-        "divisor": float(spec.divisor) if mode.takes_divisor else None,
-        "rounding": spec.output_rounding if spec.quantized else None,
-        "clamp": mode.clamp_setting(spec.clamp),
-        "code_range": None if spec.code_range() is None else [float(bound) for bound in spec.code_range()],
-        # Only a run of some blocks records them, and only a float simulation in another format its
-        # format: the other runs keep the format they always had.
-        **({} if spec.layers is None else {"layers": list(spec.layers)}),
-        **({} if spec.asic_format == "float32" else {"asic_dtype": spec.asic_format}),
+        **spec.settings(),
         **{key: meta.get(key) for key in META_KEYS},
         "n_layer": recorder.n_layer,
         "dump_n": recorder.dump_n,

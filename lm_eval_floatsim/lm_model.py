@@ -186,18 +186,12 @@ class FloatSimLM(HFLM):
     def response_settings(self) -> dict:
         """What a response depends on besides its request: the model and the arithmetic of the mode."""
         args, spec = self.floatsim_args, self.spec
-        code_range = spec.code_range()
         return {
             "model": args.model_id,
             "tokenizer": getattr(self.tokenizer, "name_or_path", None),
             "dtype": str(self.model.dtype).removeprefix("torch."),
-            "mode": spec.mode,
-            "divisor": spec.divisor if spec.kind.takes_divisor else None,
-            "rounding": spec.output_rounding if spec.quantized else None,
-            "code_range": list(code_range) if code_range is not None else None,
+            **spec.settings(),
             "scales_sha256": self.scales.sha256 if spec.quantized else None,
-            "layers": None if spec.layers is None else list(spec.layers),
-            "asic_dtype": spec.asic_format,
             **{name: args.harness[name] for name in RESPONSE_ARGUMENTS if name in args.harness},
         }
 

@@ -50,12 +50,17 @@ def resolve_model_dir(pretrained: Union[str, Path], revision: Optional[str] = No
     branch, tag or commit; the default branch when None) in the HF cache."""
     path = Path(pretrained).expanduser()
     if path.is_dir():
-        if revision is not None:
-            raise ArgumentError("revision", revision, f"no revision: {pretrained} is a local folder, not a hub id")
+        refuse_revision_of_folder(pretrained, revision)
         return path
     if path.exists() or not _is_hub_id(str(pretrained)):
         raise ArgumentError("pretrained", str(pretrained), "a hub id or an existing folder holding config.json and weights")
     return _download(str(pretrained), revision)
+
+
+def refuse_revision_of_folder(pretrained: Union[str, Path], revision: Optional[str]) -> None:
+    """A revision names a version of a hub repository; a local folder has only the one it holds."""
+    if revision is not None and Path(pretrained).expanduser().is_dir():
+        raise ArgumentError("revision", revision, f"no revision: pretrained={pretrained} is a local folder, not a hub id")
 
 
 def model_label(pretrained: Union[str, Path], revision: Optional[str] = None) -> str:

@@ -207,13 +207,20 @@ def format_divisor(divisor: float) -> str:
     return str(int(divisor)) if float(divisor).is_integer() else repr(float(divisor))
 
 
+def _block_indices(values) -> bool:
+    """A non-empty sequence of non-negative integers."""
+    return isinstance(values, (list, tuple)) and bool(values) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in values
+    )
+
+
 def parse_layers(value) -> Optional[tuple[int, ...]]:
     """The model argument `layers`: '0-5+12+20-23' -> (0, ..., 5, 12, 20, ..., 23), 12 -> (12,),
     a sequence of indices -> them sorted, None -> None (every block). No commas: lm-eval splits
     --model_args on them."""
     if value is None:
         return None
-    if isinstance(value, (list, tuple)) and value and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+    if _block_indices(value):
         return tuple(sorted(set(value)))
     text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
     if not _LAYERS.fullmatch(text):
@@ -255,8 +262,7 @@ class QuantSpec:
         get_mode(self.mode)
         _require("asic_dtype", self.asic_dtype, self.asic_dtype in ASIC_DTYPES, "one of " + ", ".join(ASIC_DTYPES))
         layers_ok = self.layers is None or (
-            isinstance(self.layers, tuple) and self.layers and list(self.layers) == sorted(set(self.layers))
-            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+            isinstance(self.layers, tuple) and _block_indices(self.layers) and list(self.layers) == sorted(set(self.layers))
         )
         _require("layers", self.layers, layers_ok, "sorted distinct block indices (see parse_layers), or None for every block")
         _require("rounding", self.rounding, self.rounding in ROUNDINGS, "one of " + ", ".join(ROUNDINGS))
@@ -292,15 +298,25 @@ class QuantSpec:
         float32 for the other modes, whose arithmetic has no such choice."""
         return self.asic_dtype if self.kind.float_sim else "float32"
 
-    def quantizes_layer(self, layer_idx: int) -> bool:
-        return self.quantized and (self.layers is None or layer_idx in self.layers)
+    def settings(self) -> dict:
+        """What the run's arithmetic is, in JSON types, as dumps and the response cache record it:
+        the mode and what it applies (divisor, output rounding, clamp, code range); the blocks and
+        the format only when they are not every block and float32, so that other runs keep the
+        record they always had."""
+        mode, code_range = self.kind, self.code_range()
+        return {
+            "mode": self.mode,
+            "divisor": float(self.divisor) if mode.takes_divisor else None,
+            "rounding": self.output_rounding if mode.quantized else None,
+            "clamp": mode.clamp_setting(self.clamp),
+            "code_range": None if code_range is None else [float(bound) for bound in code_range],
+            **({} if self.layers is None else {"layers": list(self.layers)}),
+            **({} if self.asic_format == "float32" else {"asic_dtype": self.asic_format}),
+        }
 
     def for_layer(self, layer_idx: int) -> "QuantSpec":
         """What block `layer_idx` computes: this spec, or unquantized for a block outside `layers`."""
         return self if self.layers is None or layer_idx in self.layers else QuantSpec("fp")
-
-    def dump_filename(self) -> str:
-        return self.kind.dump_filename(self.divisor)
 
 
 def _require(argument: str, value, ok: bool, allowed: str) -> None:

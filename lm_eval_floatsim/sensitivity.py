@@ -145,7 +145,7 @@ def render_markdown(report: dict) -> str:
         entries = sorted(report["layers"], key=lambda e: abs(e["delta"][task][key]), reverse=True)
         rows = [[str(e["layer_idx"]), fmt(e["metrics"][task][key]), fmt(e["stderr"][task][key]),
                  fmt_signed(e["delta"][task][key]), fmt(e["sqnr_db"], 2)] for e in entries]
-        parts.append(f"Blocks quantized alone, largest change first:\n\n"
+        parts.append("Blocks quantized alone, largest change first:\n\n"
                      + markdown_table(["block", key.split(",")[0], "stderr", "change vs fp", "SQNR (dB)"], rows))
         if report["leave_one_out"]:
             rows = [[str(e["layer_idx"]), fmt(e["metrics"][task][key]), fmt(e["stderr"][task][key]),

@@ -6,6 +6,9 @@ without a network; one server per session, started on first use and stopped at t
 `hub_repos` gives those repositories and the transformers model whose weights they hold.
 A session that uses neither starts nothing (pytest creates fixtures on demand).
 
+`model_files` (a 2-block checkpoint in both layouts with its scales, once per test module) and
+`task_manager` (lm-eval's index of the floatsim_* tasks) serve the tests of the lm-eval model.
+
 `task_dir` (a lambada-style task `sweep_lambada` of N_DOCS documents) and `tiny_model` (a random
 3-block checkpoint with its calibration settings as model arguments) serve the commands that run
 many evaluations in one process, `sweep` and `sensitivity`.
@@ -81,3 +84,19 @@ def tiny_model(tmp_path, monkeypatch):
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
     monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
     return f"pretrained={model_dir},calib_data={calib},calib_samples=4,calib_seqlen=32,dump_dir={tmp_path / 'dumps'}"
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """(transformers-layout folder, mamba_ssm-layout folder, scales file, reference model): 2 blocks."""
+    from fixtures.floatsim_runs import make_model
+
+    return make_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    from fixtures.floatsim_runs import TASKS_DIR
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)

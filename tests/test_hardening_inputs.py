@@ -20,18 +20,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 
 import helpers_models
-from fixtures.floatsim_runs import DOCS, TASKS_DIR, console_script, make_model, model_args, subprocess_env
+from fixtures.floatsim_runs import DOCS, TASKS_DIR, console_script, model_args, subprocess_env
 from lm_eval_floatsim import cli
 from lm_eval_floatsim.arguments import parse_model_args
 from lm_eval_floatsim.calibration import calibrate, load_calibration_texts
 from lm_eval_floatsim.errors import ArgumentError, FloatSimError, InputError
 from test_dumps import one_thread  # noqa: F401 (an autouse fixture)
-
-
-@pytest.fixture(scope="module")
-def model_files(tmp_path_factory):
-    """(transformers-layout folder, mamba_ssm-layout folder, scales file, reference model): 2 blocks."""
-    return make_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from fixtures.floatsim_runs import (
     console_script,
     evaluate,
     floatsim,
-    make_model,
     model_args,
     subprocess_env,
 )
@@ -35,18 +34,6 @@ from lm_eval_floatsim.modes import MODES
 
 D_INNER = 64  # helpers_models' default: hidden 32, expand 2
 N_LAYER = 2
-
-
-@pytest.fixture(scope="module")
-def model_files(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def task_manager():
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 
 
 def responses(results, task) -> list:

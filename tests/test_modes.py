@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fixtures import coarse_mode_plugin
-from fixtures.floatsim_runs import TASKS_DIR, evaluate, floatsim, make_model
+from fixtures.floatsim_runs import evaluate, floatsim
 
 from lm_eval_floatsim import checks, cli, dumps, hookimpl, modes
 from lm_eval_floatsim.errors import ArgumentError, InputError
@@ -98,17 +98,9 @@ def test_a_plugin_mode_with_a_taken_dump_file_is_refused():
         registry.cache_clear()
 
 
-@pytest.fixture(scope="module")
-def model_files(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"))
-
-
-def test_a_plugin_mode_runs_through_lm_eval_dumps_check_and_compare(coarse_plugin, model_files, tmp_path, capsys):
+def test_a_plugin_mode_runs_through_lm_eval_dumps_check_and_compare(coarse_plugin, model_files, task_manager, tmp_path, capsys):
     from lm_eval.loggers import EvaluationTracker
-    from lm_eval.tasks import TaskManager
-
     hf_folder, _, scales, _ = model_files
-    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     dump_dir, out = tmp_path / "dumps", tmp_path / "results"
     for mode in ("int8", "coarse"):
         lm = floatsim(hf_folder, dump_dir, mode=mode, scales=scales, batch_size=4)
@@ -153,12 +145,9 @@ def responses(results) -> list:
     return [sample["resps"] for sample in samples]
 
 
-def test_layers_through_lm_eval_dumps_check_and_compare(model_files, tmp_path, capsys):
+def test_layers_through_lm_eval_dumps_check_and_compare(model_files, task_manager, tmp_path, capsys):
     from lm_eval.loggers import EvaluationTracker
-    from lm_eval.tasks import TaskManager
-
     hf_folder, _, scales, _ = model_files  # 2 blocks
-    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 
     def run(name, **args):
         lm = floatsim(hf_folder, tmp_path / name, mode="int8", scales=scales, batch_size=4, **args)
@@ -194,11 +183,8 @@ def test_layers_through_lm_eval_dumps_check_and_compare(model_files, tmp_path, c
 
 
 @pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
-def test_asic_dtype_through_lm_eval_dumps_and_check(model_files, tmp_path, fmt):
-    from lm_eval.tasks import TaskManager
-
+def test_asic_dtype_through_lm_eval_dumps_and_check(model_files, task_manager, tmp_path, fmt):
     hf_folder, _, scales, _ = model_files
-    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     lm = floatsim(hf_folder, tmp_path / "dumps", mode="better", divisor=16, asic_dtype=fmt, scales=scales, batch_size=4)
     results = evaluate(lm, task_manager, tasks=("floatsim_lambada",))
     assert results["config"]["floatsim"]["asic_dtype"] == fmt and lm.spec.label == f"better/16 asic={fmt}"

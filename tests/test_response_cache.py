@@ -15,24 +15,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
-from fixtures.floatsim_runs import TASKS_DIR, console_script, evaluate, floatsim, make_model, model_args, subprocess_env
+from fixtures.floatsim_runs import TASKS_DIR, console_script, evaluate, floatsim, model_args, subprocess_env
 
 from lm_eval_floatsim import response_cache
 from lm_eval_floatsim.errors import InputError
 
 TASKS = ("floatsim_lambada",)
-
-
-@pytest.fixture(scope="module")
-def model_files(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def task_manager():
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 
 
 def responses(results) -> list:
