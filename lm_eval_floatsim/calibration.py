@@ -36,6 +36,7 @@ from .errors import ArgumentError, InputError
 from .files import write_json_atomic
 from .modes import INT8_RANGE, QuantSpec
 from .quant import LayerScales
+from .sites import SITES
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,12 @@ TEXT_FIELD = "text"
 LOCAL_SUFFIXES = (".txt", ".jsonl")
 EMA_RATE = 0.01
 QMAX = INT8_RANGE[1]
-FORMAT = "lm_eval_floatsim.scales/1"
-LAYER_KEYS = ("input_scale", "output_scale", "weight_scale", "bias_scale")
+# Version 2 stores each block's scales per quantization site ({"layer_idx": 0, "conv_silu":
+# {...}}); version 1 held the Conv1D+SiLU scales at the top of a block's entry. Both are read; a
+# scales object keeps its file's version, so its sha256 (which dumps and caches record) never changes.
+FORMAT = "lm_eval_floatsim.scales/2"
+FORMAT_V1 = "lm_eval_floatsim.scales/1"
+CONV_SITE = "conv_silu"
 
 
 @dataclass(frozen=True)
@@ -335,26 +340,26 @@ def _fp32(value: float) -> float:
 class Scales:
     """The scales of every block of one model + calibration, as saved in a scales file.
 
-    `settings` records everything the values depend on besides the model id (calibration
-    settings, dtype, tokenizer, fingerprints of the weights and of a local calibration file).
-    `path` is the file the scales were loaded from or last saved to (not part of the content).
+    `layers` holds each block's Conv1D+SiLU scales (the one quantization site today; the file
+    stores them per site). `settings` records everything the values depend on besides the model id
+    (calibration settings, dtype, tokenizer, fingerprints of the weights and of a local calibration
+    file). `format` is the file version written (a version-1 file loaded stays version 1). `path` is
+    the file the scales were loaded from or last saved to (not part of the content).
     """
 
     model_id: str
     settings: dict
     layers: list[LayerScales]
     path: Optional[Path] = field(default=None, compare=False, repr=False)
+    format: str = FORMAT
 
     def __post_init__(self):
         self.layers = [LayerScales(*(_fp32(v) for v in (s.input, s.output, s.weight, s.bias))) for s in self.layers]
 
     def content(self) -> dict:
         """The JSON content without its hash."""
-        layers = [
-            {"layer_idx": i, **dict(zip(LAYER_KEYS, (s.input, s.output, s.weight, s.bias)))}
-            for i, s in enumerate(self.layers)
-        ]
-        return {"format": FORMAT, "model": self.model_id, "settings": self.settings, "layers": layers}
+        layers = [_layer_entry(i, s, self.format) for i, s in enumerate(self.layers)]
+        return {"format": self.format, "model": self.model_id, "settings": self.settings, "layers": layers}
 
     @property
     def sha256(self) -> str:
@@ -371,8 +376,19 @@ class Scales:
         _check_layout(path, data)
         if _content_sha256({k: v for k, v in data.items() if k != "sha256"}) != data["sha256"]:
             raise InputError(f"scales file {path}: sha256 does not match the content (edited or corrupt)")
-        layers = [LayerScales(*(entry[key] for key in LAYER_KEYS)) for entry in data["layers"]]
-        return cls(data["model"], data["settings"], layers, path=path)
+        keys = SITES[CONV_SITE].scale_keys
+        layers = [LayerScales(*(_conv_entry(entry, data["format"])[key] for key in keys)) for entry in data["layers"]]
+        return cls(data["model"], data["settings"], layers, path=path, format=data["format"])
+
+
+def _layer_entry(layer_idx: int, scales: LayerScales, version: str) -> dict:
+    values = dict(zip(SITES[CONV_SITE].scale_keys, (scales.input, scales.output, scales.weight, scales.bias)))
+    return {"layer_idx": layer_idx, **(values if version == FORMAT_V1 else {CONV_SITE: values})}
+
+
+def _conv_entry(entry: dict, version: str):
+    """The Conv1D+SiLU scales of one block's entry (None when the entry has no such object)."""
+    return entry if version == FORMAT_V1 else entry.get(CONV_SITE)
 
 
 def _content_sha256(content: dict) -> str:
@@ -410,8 +426,8 @@ def _check_layout(path: Path, data) -> None:
     def fail(problem: str):
         raise InputError(f"scales file {path}: {problem}")
 
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        fail(f"not a scales file (expected format {FORMAT!r})")
+    if not isinstance(data, dict) or data.get("format") not in (FORMAT, FORMAT_V1):
+        fail(f"not a scales file (expected format {FORMAT!r} or {FORMAT_V1!r})")
     for key, kind in (("model", str), ("settings", dict), ("layers", list), ("sha256", str)):
         if not isinstance(data.get(key), kind):
             fail(f"{key!r} is missing or not a {kind.__name__}")
@@ -421,12 +437,16 @@ def _check_layout(path: Path, data) -> None:
         index = entry.get("layer_idx") if isinstance(entry, dict) else None
         if index != position or isinstance(index, bool):
             fail(f"layers[{position}] is not an object with layer_idx {position}")
-        for key in LAYER_KEYS:
-            value = entry.get(key)
+        site = _conv_entry(entry, data["format"])
+        where = f"layers[{position}]" if data["format"] == FORMAT_V1 else f"layers[{position}].{CONV_SITE}"
+        if not isinstance(site, dict):
+            fail(f"{where} is missing or not an object")
+        for key in SITES[CONV_SITE].scale_keys:
+            value = site.get(key)
             if not _positive_finite(value):
-                fail(f"layers[{position}].{key} must be a positive finite number, got {value!r:.40}")
+                fail(f"{where}.{key} must be a positive finite number, got {value!r:.40}")
             if _fp32(value) != value:
-                fail(f"layers[{position}].{key}={value!r} is not an fp32 value")
+                fail(f"{where}.{key}={value!r} is not an fp32 value")
 
 
 def _positive_finite(value) -> bool:

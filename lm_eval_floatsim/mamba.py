@@ -1,4 +1,4 @@
-"""A Mamba (v1) language model whose Conv1D+SiLU step runs through the quantized op of `quant`.
+"""A Mamba (v1) language model whose Conv1D+SiLU step runs through a quantization site (`sites`).
 
 Parameter names follow mamba_ssm's MambaLMHeadModel (`backbone.layers.N.mixer.conv1d.weight`, ...)
 so that original checkpoints load as they are. Activations are channels-last (batch, length,
@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from .errors import ArgumentError
 from .kernels import fused_rms_norm
 from .modes import QuantSpec, format_layers
-from .quant import LayerScales, conv_silu
+from .quant import LayerScales
 from .selective_scan import selective_scan
+from .sites import ConvSiLU
 
 
 @dataclass
@@ -79,7 +80,8 @@ class DecodingState:
 
 
 class Mixer(nn.Module):
-    """The Mamba mixer: in_proj -> quantized Conv1D+SiLU -> x_proj/dt_proj -> selective scan -> out_proj."""
+    """The Mamba mixer: in_proj -> Conv1D+SiLU (its site, `conv_silu`) -> x_proj/dt_proj -> selective
+    scan -> out_proj."""
 
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()
@@ -95,13 +97,14 @@ class Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1).float()).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+        self.conv_silu = ConvSiLU(QuantSpec("fp"))
 
-    def forward(self, hidden, spec, scales, observer, mask, state):
+    def forward(self, hidden, observer, mask, state):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         left_context = state.conv[self.layer_idx] if state is not None else None
         weight = self.conv1d.weight[:, 0, :]
         bias = self.conv1d.bias if self.conv1d.bias is not None else weight.new_zeros(weight.shape[0])
-        u = conv_silu(x, weight, bias, spec, scales, observer, left_context, mask)  # padding: u = 0
+        u = self.conv_silu(x, weight, bias, observer, left_context, mask)  # padding: u = 0
         if state is not None:
             state.conv[self.layer_idx] = _last_conv_inputs(left_context, x, mask)
 
@@ -162,14 +165,17 @@ class MambaLM(nn.Module):
             self.lm_head.weight = self.backbone.embedding.weight
 
     def quantize(self, spec: QuantSpec, scales: Optional[list[LayerScales]]) -> "MambaLM":
-        """Set the Conv1D+SiLU mode of every block (of `spec.layers`; the others run unquantized),
-        with one LayerScales per block."""
+        """Install in every block the Conv1D+SiLU site of `spec` (unquantized outside `spec.layers`),
+        with its block's LayerScales (one per block; None for fp)."""
         n_layer = self.config.n_layer
         if spec.quantized and (scales is None or len(scales) != n_layer):
             found = "none" if scales is None else f"{len(scales)} layers"
             raise ArgumentError("scales", found, f"one entry per layer ({n_layer}) for mode={spec.mode}")
         if spec.layers is not None and spec.layers[-1] >= n_layer:
             raise ArgumentError("layers", format_layers(spec.layers), f"blocks of 0-{n_layer - 1} (the model has {n_layer})")
+        for layer in self.backbone.layers:
+            i = layer.mixer.layer_idx
+            layer.mixer.conv_silu = ConvSiLU(spec.for_layer(i), scales[i] if scales is not None else None)
         self.spec, self.scales = spec, scales
         return self
 
@@ -212,16 +218,12 @@ class MambaLM(nn.Module):
             residual = residual.float()
         for layer in self.backbone.layers:
             hidden = layer.norm(residual.to(layer.norm.weight.dtype))
-            spec = self.spec.for_layer(layer.mixer.layer_idx)
-            residual = residual + layer.mixer(hidden, spec, self._layer_scales(layer), self._observer(layer, mask), mask, state)
+            residual = residual + layer.mixer(hidden, self._observer(layer, mask), mask, state)
         return self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
 
     def step(self, input_ids: torch.Tensor, state: DecodingState) -> torch.Tensor:
         """One decoding step: input_ids (batch,) continue the sequences in `state`; logits (batch, vocab)."""
         return self(input_ids[:, None], state=state)[:, 0]
-
-    def _layer_scales(self, layer: Block) -> Optional[LayerScales]:
-        return self.scales[layer.mixer.layer_idx] if self.scales is not None else None
 
     def _observer(self, layer: Block, mask):
         if self.recorder is None:

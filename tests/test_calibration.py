@@ -302,10 +302,19 @@ def test_dataset_documents_are_pulled_one_by_one(monkeypatch):
 # --- the scales file -------------------------------------------------------------------------
 
 
-def sample_scales():
+VERSIONS = (calibration.FORMAT, calibration.FORMAT_V1)
+
+
+def sample_scales(version=calibration.FORMAT):
     layers = [LayerScales(0.1, 0.02, 0.003, 0.4), LayerScales(1.5, 2.5, 3.5, 4.5)]
     settings = {"calib_data": "calib.txt", "calib_samples": 4, "percentile": 0.9995, "nested": {"b": 1, "a": None}}
-    return Scales("some/model", settings, layers)
+    return Scales("some/model", settings, layers, format=version)
+
+
+def conv_scales_entry(data, position):
+    """A block's Conv1D+SiLU scales in a file's JSON: per site in version 2, flat in version 1."""
+    entry = data["layers"][position]
+    return entry if data["format"] == calibration.FORMAT_V1 else entry["conv_silu"]
 
 
 def canonical_sha256(content):
@@ -313,16 +322,29 @@ def canonical_sha256(content):
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def test_scales_round_trip(tmp_path):
-    scales = sample_scales()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_scales_round_trip(tmp_path, version):
+    scales = sample_scales(version)
     assert scales.layers[0].input == float(np.float32(0.1))  # stored as what fp32 arithmetic multiplies by
     path = scales.save(tmp_path / "scales.json")
     data = json.loads(path.read_text())
-    assert set(data) == {"format", "model", "settings", "layers", "sha256"}
-    assert data["layers"][1] == {"layer_idx": 1, "input_scale": 1.5, "output_scale": 2.5, "weight_scale": 3.5, "bias_scale": 4.5}
+    assert set(data) == {"format", "model", "settings", "layers", "sha256"} and data["format"] == version
+    values = {"input_scale": 1.5, "output_scale": 2.5, "weight_scale": 3.5, "bias_scale": 4.5}
+    by_site = values if version == calibration.FORMAT_V1 else {"conv_silu": values}
+    assert data["layers"][1] == {"layer_idx": 1, **by_site}
     assert data["sha256"] == canonical_sha256({k: v for k, v in data.items() if k != "sha256"}) == scales.sha256
     loaded = Scales.load(path)
     assert loaded == scales and loaded.sha256 == scales.sha256 and loaded.path == path
+
+
+def test_a_version_1_file_loads_with_its_own_hash(tmp_path):
+    """Dumps and response caches record a scales file's sha256: loading today's files must keep it."""
+    old = sample_scales(calibration.FORMAT_V1)
+    path = old.save(tmp_path / "v1.json")
+    recorded = json.loads(path.read_text())["sha256"]
+    loaded = Scales.load(path)
+    assert loaded.format == calibration.FORMAT_V1 and loaded.sha256 == recorded and loaded.layers == old.layers
+    assert sample_scales().layers == loaded.layers and sample_scales().sha256 != recorded  # another layout
 
 
 def test_sha256_depends_on_content_not_key_order():
@@ -335,7 +357,7 @@ def test_sha256_depends_on_content_not_key_order():
 
 def mutations():
     def layer(key, value):
-        return lambda d: d["layers"][0].__setitem__(key, value)
+        return lambda d: conv_scales_entry(d, 0).__setitem__(key, value)
 
     return {
         "string scale": layer("output_scale", "0.5"),
@@ -344,18 +366,21 @@ def mutations():
         "nan scale": layer("bias_scale", float("nan")),
         "bool scale": layer("bias_scale", True),
         "not fp32": layer("output_scale", 0.1),
-        "missing key": lambda d: d["layers"][0].pop("weight_scale"),
-        "layer order": layer("layer_idx", 1),
+        "missing key": lambda d: conv_scales_entry(d, 0).pop("weight_scale"),
+        "layer order": lambda d: d["layers"][0].__setitem__("layer_idx", 1),
         "wrong format": lambda d: d.__setitem__("format", "something/2"),
         "settings not object": lambda d: d.__setitem__("settings", []),
         "no layers": lambda d: d.__setitem__("layers", []),
         "model not string": lambda d: d.__setitem__("model", 3),
+        "site not object": lambda d: d["layers"][0].__setitem__("conv_silu", [1.0])
+        if d["format"] == calibration.FORMAT else d["layers"][0].pop("input_scale"),
     }
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", sorted(mutations()))
-def test_scales_load_rejects_bad_content(tmp_path, name):
-    path = sample_scales().save(tmp_path / "scales.json")
+def test_scales_load_rejects_bad_content(tmp_path, name, version):
+    path = sample_scales(version).save(tmp_path / "scales.json")
     data = json.loads(path.read_text())
     mutations()[name](data)
     # A consistent hash, so that the content check (not the hash check) must catch the problem.
@@ -370,7 +395,7 @@ def test_scales_load_rejects_edited_or_truncated_files(tmp_path):
     path = sample_scales().save(tmp_path / "scales.json")
     text = path.read_text()
     data = json.loads(text)
-    data["layers"][1]["input_scale"] = 2.0
+    conv_scales_entry(data, 1)["input_scale"] = 2.0
     path.write_text(json.dumps(data))
     with pytest.raises(InputError, match="sha256"):
         Scales.load(path)

@@ -266,6 +266,21 @@ def test_layers_limits_the_mode_to_those_blocks(model, mode):
     assert not torch.equal(only_middle_logits, fp_logits) and not torch.equal(only_middle_logits, full_logits)
 
 
+def test_quantize_installs_each_blocks_site_and_keeps_the_checkpoint_layout(model):
+    keys = list(model.state_dict())
+    scales = layer_scales(model)
+    model.quantize(QuantSpec("better", 7.0, layers=(1,)), scales)
+    sites = [layer.mixer.conv_silu for layer in model.backbone.layers]
+    try:
+        assert [site.spec.mode for site in sites] == ["fp", "better", "fp"]
+        assert sites[1].spec.divisor == 7.0 and sites[1].scales == scales[1]
+        assert "(conv_silu): ConvSiLU(better/7)" in str(model)  # print(model) says what each block runs
+        assert list(model.state_dict()) == keys  # sites hold no parameters: checkpoints load as before
+    finally:
+        model.quantize(QuantSpec("fp"), None)
+    assert all(layer.mixer.conv_silu.spec == QuantSpec("fp") for layer in model.backbone.layers)
+
+
 def test_layers_beyond_the_model_are_refused(model):
     from lm_eval_floatsim.errors import ArgumentError
 

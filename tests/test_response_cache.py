@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -18,6 +19,7 @@ import pytest
 from fixtures.floatsim_runs import TASKS_DIR, console_script, evaluate, floatsim, model_args, subprocess_env
 
 from lm_eval_floatsim import response_cache
+from lm_eval_floatsim.calibration import Scales
 from lm_eval_floatsim.errors import InputError
 
 TASKS = ("floatsim_lambada",)
@@ -90,13 +92,9 @@ def test_settings_that_change_a_response_and_only_those_tell_runs_apart(model_fi
 
 def test_other_scales_and_another_model_are_other_settings(model_files, tmp_path):
     hf_folder, ssm_folder, scales, _ = model_files
-    other_scales = json.loads(scales.read_text())
-    other_scales["layers"][0]["output_scale"] *= 2
-    from lm_eval_floatsim.calibration import Scales, LayerScales
-
-    edited = Scales(other_scales["model"], other_scales["settings"],
-                    [LayerScales(*(entry[key] for key in ("input_scale", "output_scale", "weight_scale", "bias_scale")))
-                     for entry in other_scales["layers"]]).save(tmp_path / "other.json")
+    loaded = Scales.load(scales)
+    first = loaded.layers[0]
+    edited = replace(loaded, layers=[replace(first, output=2 * first.output), *loaded.layers[1:]]).save(tmp_path / "other.json")
     base = settings_of(model_files, tmp_path, mode="int8")
     assert settings_of(model_files, tmp_path, mode="int8", scales=edited)["scales_sha256"] != base["scales_sha256"]
     other_model = floatsim(ssm_folder, tmp_path / "dumps", mode="int8", scales=scales).response_settings()

@@ -1,0 +1,47 @@
+"""Quantization sites: the steps of a block that a recipe quantizes, as modules the block calls.
+
+`MambaLM.quantize` installs one module per site in every block (the module swap): what a block
+computes is then visible in `print(model)`, and a block outside `layers` simply holds the
+unquantized op. Today there is one site, the Conv1D+SiLU step; a new one (a quantized in_proj, the
+selective scan's inputs) is one class here, one entry of `SITES`, the call in the mixer, and its
+scales in the scales file (`calibration.Scales`, which stores scales per site).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .modes import QuantSpec
+from .quant import LayerScales, Observer, conv_silu
+
+
+class ConvSiLU(nn.Module):
+    """The Conv1D+SiLU step of one block in its spec's mode (`quant.conv_silu`). It holds no
+    parameters: the mixer passes its conv weight and bias, so checkpoints keep their layout."""
+
+    scale_keys = ("input_scale", "output_scale", "weight_scale", "bias_scale")
+
+    def __init__(self, spec: QuantSpec, scales: Optional[LayerScales] = None):
+        super().__init__()
+        self.spec, self.scales = spec, scales
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        observer: Optional[Observer] = None,
+        left_context: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return conv_silu(x, weight, bias, self.spec, self.scales, observer, left_context, mask)
+
+    def extra_repr(self) -> str:
+        return replace(self.spec, layers=None).label
+
+
+SITES = {"conv_silu": ConvSiLU}
