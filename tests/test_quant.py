@@ -701,3 +701,30 @@ def test_asic_dtype_rounds_every_step_to_its_format(fmt):
               QuantSpec("same"), scales, lambda b, a, c, m: fp32.update(before=b.numpy()), left_context=left)
     assert np.mean(fp32["before"] != seen["before"]) > 0.3
     assert np.array_equal(round_to_format(seen["before"], fmt), seen["before"])  # before_quant holds fmt values
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_asic_dtype_on_cuda_computes_what_the_cpu_computes(fmt):
+    """The fused kernel is float32 only: a float16/bfloat16 simulation on CUDA takes the PyTorch
+    path, which rounds each step as the CPU does."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 256, 64, generator=gen)
+    weight, bias = 0.3 * torch.randn(64, K, generator=gen), 0.1 * torch.randn(64, generator=gen)
+    scales = LayerScales(input=float(x.abs().max()) / 127, output=0.01, weight=float(weight.abs().max()) / 127,
+                         bias=float(bias.abs().max()) / 127)
+    spec = QuantSpec("same", asic_dtype=fmt)
+    seen = {}
+
+    def observer(device):
+        return lambda before, after, codes, clamped: seen.update({device: (before.cpu(), codes.cpu())})
+
+    cpu = conv_silu(x, weight, bias, spec, scales, observer("cpu"))
+    gpu = conv_silu(x.cuda(), weight.cuda(), bias.cuda(), spec, scales, observer("cuda")).cpu()
+    # Every +, * and / of a 16-bit format is correctly rounded on both devices; only exp (fp32's,
+    # within an ulp, before the rounding to fmt) may differ, moving y by one ulp of fmt where that ulp
+    # straddles a rounding boundary (about 2^-13 of values) and a code at a tie by one.
+    (cpu_before, cpu_codes), (gpu_before, gpu_codes) = seen["cpu"], seen["cuda"]
+    assert torch.mean((cpu_before == gpu_before).float()) > 0.999
+    assert (cpu_codes - gpu_codes).abs().max() <= 1 and torch.mean((cpu_codes == gpu_codes).float()) > 0.999
+    assert torch.mean((gpu == cpu).float()) > 0.999
