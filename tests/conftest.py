@@ -12,6 +12,10 @@ A session that uses neither starts nothing (pytest creates fixtures on demand).
 `task_dir` (a lambada-style task `sweep_lambada` of N_DOCS documents) and `tiny_model` (a random
 3-block checkpoint with its calibration settings as model arguments) serve the commands that run
 many evaluations in one process, `sweep` and `sensitivity`.
+
+`work` (a folder per test module) and `zygote` (helpers_forked_runs' process that forks real runs,
+one per test module) serve the tests that kill runs or run them together. `one_thread` (torch on one
+thread for the rest of a test module) is used, through `pytestmark`, by the modules whose models are tiny.
 """
 
 from __future__ import annotations
@@ -100,3 +104,30 @@ def task_manager():
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models: threads only add synchronisation, which is
+    slow on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("interrupted")
+
+
+@pytest.fixture(scope="module")
+def zygote(work):
+    """Named before `model_files` by the tests, so that the model is built while the zygote imports."""
+    from helpers_forked_runs import Zygote
+
+    started = Zygote(work)
+    yield started
+    started.close()

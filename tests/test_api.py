@@ -10,13 +10,12 @@ import json
 import pytest
 import torch
 
+from helpers_calibration import WORDS, random_texts, tiny_model, tiny_tokenizer
 from lm_eval_floatsim import api, calibration
 from lm_eval_floatsim.api import load_model
 from lm_eval_floatsim.calibration import Scales, calibrate, load_calibration_texts
 from lm_eval_floatsim.errors import ArgumentError, InputError
 from lm_eval_floatsim.quant import LayerScales, QuantSpec
-
-from test_calibration import WORDS, random_texts, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture

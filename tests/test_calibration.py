@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_calibration import random_texts, tiny_model, tiny_tokenizer
 from lm_eval_floatsim import calibration
 from lm_eval_floatsim.calibration import (
     CalibrationSettings,
@@ -30,31 +31,7 @@ from lm_eval_floatsim.calibration import (
     upper_quantile,
 )
 from lm_eval_floatsim.errors import ArgumentError, InputError
-from lm_eval_floatsim.mamba import MambaConfig, MambaLM
 from lm_eval_floatsim.quant import LayerScales, QuantSpec
-
-WORDS = 64
-
-
-def tiny_tokenizer():
-    """Word-level: 'w0'..'w63' are tokens 1..64, anything else [UNK] (0); no special tokens added."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[UNK]")
-
-
-def tiny_model(seed=0, d_model=16, n_layer=3):
-    torch.manual_seed(seed)
-    return MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=WORDS + 1)).eval()
-
-
-def random_texts(seed, lengths):
-    rng = np.random.default_rng(seed)
-    return [" ".join(f"w{i}" for i in rng.integers(0, WORDS, n)) for n in lengths]
 
 
 @torch.no_grad()

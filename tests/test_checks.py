@@ -7,9 +7,11 @@ import shutil
 import pytest
 import torch
 
+from helpers_dumps import write_good_dumps
 from lm_eval_floatsim.checks import run_checks
 from lm_eval_floatsim.cli import main
-from test_dumps import one_thread, write_good_dumps  # noqa: F401 (one_thread: an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAME, INT8, BETTER, FP = "floatsim_samescale.json", "int8_baseline.json", "floatsim_betterscale_2025.json", "fp_reference.json"
 

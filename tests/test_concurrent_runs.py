@@ -3,7 +3,7 @@
 Runs of different modes write different dump files; two runs of the same mode write the same one,
 and the last to finish wins, atomically, while lm-eval's results (one file per date id, with the
 microseconds) and the floatsim_<date_id> folder beside each keep every run apart, even when the runs
-start within the same millisecond. The concurrent runs are forked from test_interrupted_runs' zygote
+start within the same millisecond. The concurrent runs are forked from helpers_forked_runs' zygote
 (real processes, started together); the same-mode race is also replayed in one process, in the order
 that exposes it: B writes its dump between A's dump and A's results.
 """
@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from fixtures.floatsim_runs import TASKS_DIR
+from helpers_forked_runs import dump_n_of, evaluation, files_under, whole
 from lm_eval_floatsim.dumps import dump_filename, parse_filename, read_dump
-from test_interrupted_runs import dump_n_of, evaluation, files_under, model_files, whole, work, zygote  # noqa: F401, F811 (fixtures)
 
 # (mode, dump_n): dump_n tells the runs apart in every file they write.
 RUNS = (("int8", 1), ("same", 2), ("better", 3), ("int8", 4))

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from lm_eval_floatsim.cli import main
 from lm_eval_floatsim.mamba import MambaConfig, MambaLM
-from test_dumps import one_thread  # noqa: F401 (an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo"

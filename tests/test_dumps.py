@@ -1,7 +1,6 @@
 """Dump files: names, layout (against the packaged JSON Schema), values, repeatability, atomicity.
 
-The helpers at the top (a tiny 24-block model, its scales, good dumps of every mode) are shared
-with test_checks.py.
+The good dumps of every mode come from helpers_dumps (a tiny 24-block model, absmax scales).
 """
 
 import json
@@ -20,75 +19,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_eval_floatsim.dump_command import write_mode_dumps
+from helpers_dumps import ALL_MODES, META, N_LAYER, tiny_input, tiny_model, write_good_dumps
 from lm_eval_floatsim.dumps import build_dump, dump_filename, parse_filename, read_dump, write_dump
 from lm_eval_floatsim.errors import InputError
-from lm_eval_floatsim.mamba import MambaConfig, MambaLM
 from lm_eval_floatsim.quant import LayerScales, QuantSpec
 from lm_eval_floatsim.recorder import Recorder
 
-N_LAYER = 24
-VOCAB = 64
-ALL_MODES = ("int8", "same", "better", "fp")
-META = {"model": "tiny-test-model", "scales_sha256": "ab" * 32, "calibration": {"calib_samples": 1}}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(n_layer=N_LAYER, seed=0) -> MambaLM:
-    torch.manual_seed(seed)
-    return MambaLM(MambaConfig(d_model=16, n_layer=n_layer, vocab_size=VOCAB)).eval()
-
-
-def tiny_input(length=16) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(1))
-
-
-def absmax_scales(model, input_ids) -> list:
-    """Scales from one fp forward: absmax / 127 of the conv input, output, weight and bias.
-
-    Test scaffolding, not SPEC calibration: any positive scales exercise the dumps equally.
-    """
-    inputs, outputs = {}, {}
-
-    class OutputAbsmax:
-        def layer(self, layer_idx, mask):
-            return lambda before, after, codes, clamped: outputs.__setitem__(layer_idx, before.abs().max().item())
-
-    d_inner = model.config.d_inner
-    hooks = [
-        layer.mixer.in_proj.register_forward_hook(
-            lambda module, args, out, i=i: inputs.__setitem__(i, out[..., :d_inner].abs().max().item())
-        )
-        for i, layer in enumerate(model.backbone.layers)
-    ]
-    model.recorder = OutputAbsmax()
-    with torch.no_grad():
-        model(input_ids)
-    model.recorder = None
-    for hook in hooks:
-        hook.remove()
-    conv = [layer.mixer.conv1d for layer in model.backbone.layers]
-    return [
-        LayerScales(inputs[i] / 127, outputs[i] / 127, conv[i].weight.abs().max().item() / 127, conv[i].bias.abs().max().item() / 127)
-        for i in range(len(conv))
-    ]
-
-
-def write_good_dumps(folder, modes=ALL_MODES, dump_n=10, n_layer=N_LAYER, length=16) -> dict:
-    """Every mode's dump of one forward of the tiny model, same scales for all: {mode: path}."""
-    model, input_ids = tiny_model(n_layer), tiny_input(length)
-    scales = absmax_scales(model, input_ids)
-    specs = [QuantSpec(mode) for mode in modes]
-    return dict(zip(modes, write_mode_dumps(model, input_ids, specs, scales, folder, dump_n, META)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: threads only add synchronisation, which is slow on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_compare import write_standard_runs
+from helpers_runs import write_standard_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "examples" / "plugin"

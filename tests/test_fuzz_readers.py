@@ -26,12 +26,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from helpers_runs import make_dump, make_results, make_scales
 from lm_eval_floatsim import cli
 from lm_eval_floatsim.calibration import Scales
 from lm_eval_floatsim.dumps import read_dump
 from lm_eval_floatsim.errors import InputError
 from lm_eval_floatsim.runs import load_run
-from test_compare import make_dump, make_results, make_scales
 
 SECONDS_PER_EXAMPLE = 20  # a hang, not a slow machine: one example takes ~0.1 s here
 FUZZ = settings(

@@ -25,7 +25,8 @@ from lm_eval_floatsim import cli
 from lm_eval_floatsim.arguments import parse_model_args
 from lm_eval_floatsim.calibration import calibrate, load_calibration_texts
 from lm_eval_floatsim.errors import ArgumentError, FloatSimError, InputError
-from test_dumps import one_thread  # noqa: F401 (an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ import pytest
 from fixtures.floatsim_runs import TASKS_DIR, make_model
 from lm_eval_floatsim import cli
 from lm_eval_floatsim.dumps import read_dump
-from test_dumps import one_thread  # noqa: F401 (an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BROKEN_LAYER = 1
 D_INNER = 64  # helpers_models' default model: hidden 32, expand 2

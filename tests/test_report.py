@@ -1,6 +1,6 @@
 """The run report the built-in `floatsim_run_finished` writes: report.json and report.md.
 
-Runs are the fixtures of test_compare (lm-eval 0.4.13's results shape, dumps in the user's
+Runs are the synthetic ones of helpers_runs (lm-eval 0.4.13's results shape, dumps in the user's
 format); expected numbers are recomputed here from the fixture values with numpy.
 """
 
@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 
+from helpers_runs import METRICS, MODEL_FOLDER, N_LAYER, TASKS, layer_stats, make_dump, make_results, make_scales, write_run
 from lm_eval_floatsim.plugins import plugin_manager
-from test_compare import METRICS, MODEL_FOLDER, N_LAYER, TASKS, layer_stats, make_dump, make_results, make_scales, write_run
 
 
 def hook_run(label: str, metrics: dict | None = None, scales: dict | None = None, date: float = 1.9e9, dump_dir="/tmp/dumps") -> dict:

@@ -17,9 +17,9 @@ import lm_eval.tasks
 import pytest
 from lm_eval.api.model import LM
 
+from helpers_runs import dump_name, make_dump, make_scales
 from lm_eval_floatsim import cli, sweep
 from lm_eval_floatsim.runs import find_runs, summarize
-from test_compare import dump_name, make_dump, make_scales
 
 # The fake model gets the first ACCURACY * 10 of every 10 documents right.
 ACCURACY = {"fp": 0.9, "int8": 0.6, "same": 0.6, "better": 0.8}
