@@ -60,7 +60,7 @@ def test_report_of_one_run_holds_its_metrics_and_layer_errors(tmp_path):
     assert markdown.startswith("# Float-simulation run report: better/2025")
     value, stderr = METRICS["better/2025"]["lambada_standard"]["perplexity"]
     assert f"| lambada_standard | perplexity | ↓ | {value:.4f} | {stderr:.4f} |" in markdown
-    assert f"| 3 | 4000 | " in markdown and f"{sqnrs[3]:.2f}" in markdown
+    assert "| 3 | 4000 | " in markdown and f"{sqnrs[3]:.2f}" in markdown
     assert "No other run of this model with these scales" in markdown
 
 
