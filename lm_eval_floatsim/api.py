@@ -34,6 +34,8 @@ def load_model(
     clamp: str = "range",
     layers: Union[str, int, tuple, None] = None,
     asic_dtype: str = "float32",
+    kernel_math: str = "exact",
+    operand_rounding: str = "half_away",
     scales: Union[str, Path, Scales, None] = None,
     calib_data: Optional[str] = None,
     calib_samples: Optional[int] = None,
@@ -52,11 +54,13 @@ def load_model(
     settings recorded in the scales file. `scales` is None for mode=fp without a scales argument
     (the unquantized model needs none). `layers` ('0-5+12', see `modes.parse_layers`) limits
     the mode to those blocks; the others run unquantized. `asic_dtype` (float32, float16,
-    bfloat16) is the format of the float simulation's arithmetic. `revision` (a branch, tag or commit of a hub id) selects
+    bfloat16) is the format of the float simulation's arithmetic; `kernel_math` (exact, fast) the
+    INT8 kernel's epilogue; `operand_rounding` (half_away, half_even) how W and the bias are
+    quantized. `revision` (a branch, tag or commit of a hub id) selects
     the checkpoint's version and its own tokenizer's. Every argument is checked before the
     checkpoint is loaded.
     """
-    spec = QuantSpec(mode, divisor, rounding, clamp, parse_layers(layers), asic_dtype)
+    spec = QuantSpec(mode, divisor, rounding, clamp, parse_layers(layers), asic_dtype, kernel_math, operand_rounding)
     explicit = _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile)
     settings = CalibrationSettings(**explicit)
     resolve_dtype(dtype, device)

@@ -65,6 +65,8 @@ class ModelArgs:
     clamp: str = QuantSpec.clamp
     layers: Optional[tuple[int, ...]] = QuantSpec.layers
     asic_dtype: str = QuantSpec.asic_dtype
+    kernel_math: str = QuantSpec.kernel_math
+    operand_rounding: str = QuantSpec.operand_rounding
     dump_dir: str = "yzCheckFloatSim"
     dump_n: int = 10
     calib_data: Optional[str] = None
@@ -78,7 +80,8 @@ class ModelArgs:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.mode, self.divisor, self.rounding, self.clamp, self.layers, self.asic_dtype)
+        return QuantSpec(self.mode, self.divisor, self.rounding, self.clamp, self.layers, self.asic_dtype,
+                         self.kernel_math, self.operand_rounding)
 
     @property
     def model_id(self) -> str:
@@ -104,6 +107,8 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
         "clamp": values.get("clamp", ModelArgs.clamp),
         "layers": parse_layers(values.get("layers")),
         "asic_dtype": values.get("asic_dtype", ModelArgs.asic_dtype),
+        "kernel_math": values.get("kernel_math", ModelArgs.kernel_math),
+        "operand_rounding": values.get("operand_rounding", ModelArgs.operand_rounding),
         "dump_dir": _dump_dir(values.get("dump_dir", ModelArgs.dump_dir)),
         "dump_n": _positive_int("dump_n", values.get("dump_n", ModelArgs.dump_n)),
         "calib_data": _optional(values, "calib_data", _calibration_data),
@@ -116,7 +121,8 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
         "harness": _harness_arguments(values),
     }
     # QuantSpec validates mode, rounding and clamp, with the messages every other entry point gives.
-    QuantSpec(parsed["mode"], parsed["divisor"], parsed["rounding"], parsed["clamp"], asic_dtype=parsed["asic_dtype"])
+    QuantSpec(parsed["mode"], parsed["divisor"], parsed["rounding"], parsed["clamp"], asic_dtype=parsed["asic_dtype"],
+              kernel_math=parsed["kernel_math"], operand_rounding=parsed["operand_rounding"])
     refuse_revision_of_folder(parsed["pretrained"], parsed["revision"])
     args = ModelArgs(**parsed)
     if "divisor" in values and not args.spec.kind.takes_divisor:
@@ -124,6 +130,8 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
         logger.warning("divisor=%s only applies to %s; mode=%s ignores it", values["divisor"], takers, args.mode)
     if "asic_dtype" in values and not args.spec.kind.float_sim:
         logger.warning("asic_dtype=%s only applies to the float simulation; mode=%s ignores it", values["asic_dtype"], args.mode)
+    if "kernel_math" in values and args.spec.epilogue_math != args.kernel_math:
+        logger.warning("kernel_math=%s only applies to the INT8 kernel; mode=%s ignores it", values["kernel_math"], args.mode)
     return args
 
 

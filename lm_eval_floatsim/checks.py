@@ -33,7 +33,7 @@ import numpy as np
 
 from .dumps import parse_filename, read_dump
 from .errors import InputError
-from .modes import ASIC_DTYPES, INT8_KERNEL, Mode, format_divisor, get_mode, registry
+from .modes import ASIC_DTYPES, INT8_KERNEL, KERNEL_ROUNDING, Mode, format_divisor, get_mode, registry
 
 CODE_AGREEMENT = 0.9999
 QUANTIZED_FIELDS = ("effective_scale", "output_scale", "before_quant", "after_quant", "codes")
@@ -90,6 +90,16 @@ class DumpFile:
         """The format of the run's float arithmetic (config.asic_dtype; float32 when not recorded)."""
         recorded = self.config.get("asic_dtype")
         return recorded if recorded in ASIC_DTYPES else "float32"
+
+    @property
+    def kernel_math(self) -> str:
+        """The INT8 kernel's epilogue (config.kernel_math; exact when not recorded)."""
+        return self.config.get("kernel_math") or "exact"
+
+    @property
+    def operand_rounding(self) -> str:
+        """How W and the bias were rounded to codes (config.operand_rounding; half_away when not recorded)."""
+        return self.config.get("operand_rounding") or KERNEL_ROUNDING
 
     @functools.cached_property
     def selected_layers(self) -> Optional[frozenset]:
@@ -202,6 +212,7 @@ def check_dumps(files: list[DumpFile]) -> list[CheckResult]:
         if any(isinstance(layer.get("stats"), dict) for layer in file.layers):
             results.append(check_finite_activations(file))
     results += check_shared_scales(files, n_layer)
+    results += check_same_operands(files)
     # A folder holds one file of each mode without a divisor: the ones the others are checked against.
     by_mode = {file.mode: file for file in files if not file.kind.takes_divisor}
     for file in files:
@@ -421,6 +432,19 @@ def check_shared_scales(files: list[DumpFile], n_layer: int) -> list[CheckResult
     return results
 
 
+def check_same_operands(files: list[DumpFile]) -> list[CheckResult]:
+    """Every quantized file rounded W and the bias the same way (operand_rounding)."""
+    quantized = [file for file in files if file.quantized]
+    if len(quantized) < 2:
+        return []
+    name = "all files: same operands (operand_rounding)"
+    roundings = {file.operand_rounding for file in quantized}
+    if len(roundings) > 1:
+        listing = ", ".join(f"{file.name} {file.operand_rounding}" for file in quantized)
+        return [CheckResult(name, False, f"W and the bias were rounded differently: {listing}")]
+    return [CheckResult(name, True, f"{roundings.pop()} in {len(quantized)} files")]
+
+
 def _check_one_output_scale(files: list[DumpFile], n_layer: int) -> CheckResult:
     name = "all files: one output scale per layer"
     for layer_idx in sorted(set().union(*(file.layer_indices(n_layer) for file in files))):
@@ -436,7 +460,7 @@ def _check_one_output_scale(files: list[DumpFile], n_layer: int) -> CheckResult:
 def check_reproduces(same: DumpFile, int8: DumpFile, n_layer: int) -> list[CheckResult]:
     """`same` (a mode that `reproduces` another) against `int8` (that other mode's file)."""
     pairs = list(_layer_pairs(same, int8, n_layer))
-    prefix = f"{same.name} vs {int8.name}"
+    prefix = f"{same.name} vs {int8.name}" + (f" (kernel_math={int8.kernel_math})" if int8.kernel_math != "exact" else "")
     return [
         _check_same_effective_scale(prefix, pairs, same.asic_dtype),
         _check_same_codes(prefix, pairs),

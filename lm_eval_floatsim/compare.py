@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .errors import ArgumentError, InputError
 from .files import write_json_atomic, write_text_atomic
-from .modes import is_quantized, mode_names
+from .modes import KERNEL_ROUNDING, is_quantized, mode_names
 from .report import direction, fmt, fmt_err, fmt_signed, markdown_table
-from .runs import comparable_groups, find_runs, group_scales, latest_per_label, metric_id, metric_name, summarize
+from .runs import comparable_groups, find_runs, group_operands, group_scales, latest_per_label, metric_id, metric_name, summarize
 
 COMPARE_FORMAT = "lm_eval_floatsim.compare/1"
 
@@ -127,9 +127,10 @@ def compare_group(summaries: list[dict], superseded: list[dict], baseline: str, 
     return {
         "model": summaries[0].get("model"),
         "scales_sha256": group_scales(summaries),
+        "operand_rounding": group_operands(summaries),
         "baseline": base["label"] if base else None,
         "baseline_missing": why_not or None,
-        "runs": [{k: s.get(k) for k in ("label", "mode", "divisor", "rounding", "clamp", "date", "source", "dump_path",
+        "runs": [{k: s.get(k) for k in ("label", "mode", "divisor", "rounding", "clamp", "kernel_math", "operand_rounding", "date", "source", "dump_path",
                                          "mean_sqnr_db", "min_sqnr_db", "worst_layer", "max_abs_err")} for s in summaries],
         "superseded": [s.get("source") for s in superseded],
         "metrics": tables,
@@ -178,7 +179,7 @@ def render_markdown(comparison: dict) -> str:
     parts = [f"# Comparison of {len({run['source'] for g in groups for run in g['runs']})} runs",
              f"Baseline: `{comparison['baseline']}`" + ("" if comparison["max_drop"] is None else f"; maximum drop allowed: {comparison['max_drop']}") + "."]
     if len(groups) > 1:
-        parts.append(f"The runs use {len(groups)} different models or calibrations (scales): they are not comparable "
+        parts.append(f"The runs use {len(groups)} different models, calibrations (scales) or operands: they are not comparable "
                      "with each other, so each set is reported on its own.")
     for group in groups:
         parts += _group_markdown(group)
@@ -190,7 +191,8 @@ def render_markdown(comparison: dict) -> str:
 
 def _group_markdown(group: dict) -> list[str]:
     labels = [run["label"] for run in group["runs"]]
-    parts = [f"## Model `{group['model']}`, scales `{(group['scales_sha256'] or '?')[:12]}`",
+    operands = "" if group["operand_rounding"] == KERNEL_ROUNDING else f", operands rounded {group['operand_rounding']}"
+    parts = [f"## Model `{group['model']}`, scales `{(group['scales_sha256'] or '?')[:12]}`{operands}",
              "Runs: " + "; ".join(f"{run['label']} (`{run['source']}`)" for run in group["runs"])]
     if group["superseded"]:
         parts.append("Older runs of the same modes, not shown: " + ", ".join(f"`{s}`" for s in group["superseded"]))

@@ -12,6 +12,7 @@ reuse them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ DEFAULT_MODES = "int8,same,better"
 SCALES_FILE = "scales.json"
 # Options that are model arguments of `mamba_floatsim`, validated by `arguments.parse_model_args`.
 MODEL_OPTIONS = (
-    "pretrained", "revision", "tokenizer", "divisor", "rounding", "clamp", "layers", "asic_dtype", "dump_dir", "dump_n", "calib_data",
+    "pretrained", "revision", "tokenizer", "divisor", "rounding", "clamp", "layers", "asic_dtype", "kernel_math", "operand_rounding", "dump_dir", "dump_n", "calib_data",
     "calib_samples", "calib_seqlen", "percentile", "scales", "dtype", "device",
 )
 CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seqlen", "percentile")
@@ -42,6 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--clamp", help="better's code range: range (default, the int8 real range) or none")
     parser.add_argument("--layers", help="the blocks the modes apply to, e.g. 0-5+12+20-23 (default: every block)")
     parser.add_argument("--asic-dtype", help="format of the float simulation's arithmetic: float32 (default), float16 or bfloat16")
+    parser.add_argument("--kernel-math", help="the INT8 kernel's epilogue: exact (default) or fast (as nvcc --use_fast_math builds it)")
+    parser.add_argument("--operand-rounding", help="rounding of the conv weight and bias codes: half_away (default) or half_even")
     parser.add_argument("--dump-dir", help="folder of the dump files (default yzCheckFloatSim)")
     parser.add_argument("--dump-n", help="values dumped per layer (default 10)")
     parser.add_argument("--calib-data", help="calibration data: .txt/.jsonl file or datasets name (default: the Pile validation split)")
@@ -81,8 +84,7 @@ def run(args) -> int:
         "calibration": loaded.scales.settings if loaded.scales is not None else None,
         "input": {"text": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "tokens": input_ids.shape[1]},
     }
-    specs = [QuantSpec(mode, options.divisor, options.rounding, options.clamp, options.layers, options.asic_dtype)
-             for mode in modes]
+    specs = [dataclasses.replace(options.spec, mode=mode) for mode in modes]
     layers = loaded.scales.layers if loaded.scales is not None else None
     paths = write_mode_dumps(loaded.model, input_ids, specs, layers, options.dump_dir, options.dump_n, meta)
     if loaded.scales is not None:

@@ -99,6 +99,8 @@ class FloatSimLM(HFLM):
                 clamp=args.clamp,
                 layers=args.layers,
                 asic_dtype=args.asic_dtype,
+                kernel_math=args.kernel_math,
+                operand_rounding=args.operand_rounding,
                 scales=args.scales,
                 calib_data=args.calib_data,
                 calib_samples=args.calib_samples,
@@ -136,13 +138,13 @@ class FloatSimLM(HFLM):
         a new run (fresh recorder, its own dump file). None keeps the current value; `layers` (None:
         every block) keeps the current blocks unless given."""
         current = self.floatsim_args
-        spec = QuantSpec(
-            mode,
-            current.divisor if divisor is None else divisor,
-            current.rounding if rounding is None else rounding,
-            current.clamp if clamp is None else clamp,
-            current.layers if layers is KEEP else parse_layers(layers),
-            current.asic_dtype,
+        spec = dataclasses.replace(
+            current.spec,
+            mode=mode,
+            divisor=current.divisor if divisor is None else divisor,
+            rounding=current.rounding if rounding is None else rounding,
+            clamp=current.clamp if clamp is None else clamp,
+            layers=current.layers if layers is KEEP else parse_layers(layers),
         )
         if spec.quantized and self.scales is None:
             self.scales = self._calibrated_scales()

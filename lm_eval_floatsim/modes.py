@@ -33,8 +33,13 @@ ASIC_DTYPES = {"float32": (24, -149), "float16": (11, -24), "bfloat16": (8, -133
 CLAMPS = ("range", "none")
 INT8_RANGE = (-128, 127)
 # The INT8 kernel rounds with CUDA's roundf; operands are quantized the same way in every mode so
-# that all modes see identical X, W and Bq.
+# that all modes see identical X, W and Bq. X comes from the kernel before (roundf); W and the bias
+# are quantized offline, by default as X is, or half to even (`operand_rounding`, as torch.round).
 KERNEL_ROUNDING = "half_away"
+# The INT8 kernel's fp32 epilogue: `exact` is SPEC's (each product and sum rounded, IEEE expf,
+# correctly rounded divisions); `fast` is what `nvcc -O3 --use_fast_math` makes of it (one FMA,
+# ex2.approx, multiplication by rcp.approx, subnormals flushed); see quant.py.
+KERNEL_MATHS = ("exact", "fast")
 DIVISOR_FIELD = "{divisor}"
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _LAYERS = re.compile(r"[0-9]+(-[0-9]+)?(\+[0-9]+(-[0-9]+)?)*")
@@ -191,14 +196,20 @@ def parse_mode_list(text: str, argument: str) -> list[str]:
     return names
 
 
-def run_label(mode: str, divisor=None, rounding=None, clamp=None, layers=None, asic_dtype=None) -> str:
+def run_label(mode: str, divisor=None, rounding=None, clamp=None, layers=None, asic_dtype=None,
+              kernel_math=None, operand_rounding=None) -> str:
     """A run's short name: the mode's label (`Mode.label`), with `asic=float16` for a float
-    simulation in another format and `layers=...` for a run of some blocks; a mode this
-    installation does not know (a plugin's, recorded elsewhere) by its name."""
+    simulation in another format, `fast-math` for the INT8 kernel's fast epilogue,
+    `operands=half_even` for W and bias rounded half to even, and `layers=...` for a run of some
+    blocks; a mode this installation does not know (a plugin's, recorded elsewhere) by its name."""
     known = registry().get(mode)
     label = known.label(divisor, rounding, clamp) if known is not None else mode
     if known is not None and known.float_sim and asic_dtype not in (None, QuantSpec.asic_dtype):
         label += f" asic={asic_dtype}"
+    if known is not None and known.arithmetic == INT8_KERNEL and kernel_math not in (None, QuantSpec.kernel_math):
+        label += f" {kernel_math}-math"
+    if operand_rounding not in (None, QuantSpec.operand_rounding):
+        label += f" operands={operand_rounding}"
     return label if not layers else f"{label} layers={format_layers(tuple(layers))}"
 
 
@@ -257,10 +268,14 @@ class QuantSpec:
     clamp: str = "range"
     layers: Optional[tuple[int, ...]] = None
     asic_dtype: str = "float32"
+    kernel_math: str = "exact"
+    operand_rounding: str = KERNEL_ROUNDING
 
     def __post_init__(self):
         get_mode(self.mode)
         _require("asic_dtype", self.asic_dtype, self.asic_dtype in ASIC_DTYPES, "one of " + ", ".join(ASIC_DTYPES))
+        _require("kernel_math", self.kernel_math, self.kernel_math in KERNEL_MATHS, "one of " + ", ".join(KERNEL_MATHS))
+        _require("operand_rounding", self.operand_rounding, self.operand_rounding in ROUNDINGS, "one of " + ", ".join(ROUNDINGS))
         layers_ok = self.layers is None or (
             isinstance(self.layers, tuple) and _block_indices(self.layers) and list(self.layers) == sorted(set(self.layers))
         )
@@ -290,7 +305,8 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        return run_label(self.mode, self.divisor, self.rounding, self.clamp, self.layers, self.asic_dtype)
+        return run_label(self.mode, self.divisor, self.rounding, self.clamp, self.layers, self.asic_dtype,
+                         self.kernel_math, self.operand_rounding if self.quantized else None)
 
     @property
     def asic_format(self) -> str:
@@ -298,11 +314,17 @@ class QuantSpec:
         float32 for the other modes, whose arithmetic has no such choice."""
         return self.asic_dtype if self.kind.float_sim else "float32"
 
+    @property
+    def epilogue_math(self) -> str:
+        """The INT8 kernel's epilogue arithmetic: `kernel_math` for the INT8 kernel, exact
+        otherwise (the other modes have no such choice)."""
+        return self.kernel_math if self.kind.arithmetic == INT8_KERNEL else "exact"
+
     def settings(self) -> dict:
         """What the run's arithmetic is, in JSON types, as dumps and the response cache record it:
-        the mode and what it applies (divisor, output rounding, clamp, code range); the blocks and
-        the format only when they are not every block and float32, so that other runs keep the
-        record they always had."""
+        the mode and what it applies (divisor, output rounding, clamp, code range); the blocks, the
+        format, the epilogue and the operands' rounding only when they are not every block,
+        float32, exact and half_away, so that other runs keep the record they always had."""
         mode, code_range = self.kind, self.code_range()
         return {
             "mode": self.mode,
@@ -312,6 +334,8 @@ class QuantSpec:
             "code_range": None if code_range is None else [float(bound) for bound in code_range],
             **({} if self.layers is None else {"layers": list(self.layers)}),
             **({} if self.asic_format == "float32" else {"asic_dtype": self.asic_format}),
+            **({} if self.epilogue_math == "exact" else {"kernel_math": self.epilogue_math}),
+            **({} if not mode.quantized or self.operand_rounding == KERNEL_ROUNDING else {"operand_rounding": self.operand_rounding}),
         }
 
     def for_layer(self, layer_idx: int) -> "QuantSpec":

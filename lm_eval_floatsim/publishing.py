@@ -18,7 +18,7 @@ from .calibration import Scales
 from .errors import FloatSimError
 from .files import json_text, write_text_atomic
 from .lm_eval_patches import logger, warn_once
-from .modes import QuantSpec
+from .modes import INT8_KERNEL, KERNEL_ROUNDING, QuantSpec, get_mode
 
 # The dumps this process wrote, by the sha256 of their text: a run publishes the dump it wrote, even
 # when another run of its mode (another process, or another model here) has replaced the file in
@@ -57,6 +57,8 @@ def results_section(dump: dict, dump_path: Path, scales: Optional[Scales], dump_
         "clamp": config["clamp"],
         "quantized_layers": config.get("layers"),  # None: every block
         "asic_dtype": config.get("asic_dtype", "float32"),
+        "kernel_math": config.get("kernel_math", "exact") if get_mode(config["mode"]).arithmetic == INT8_KERNEL else None,
+        "operand_rounding": config.get("operand_rounding", KERNEL_ROUNDING) if config["rounding"] is not None else None,
         "model": config["model"],
         "scales_file": str(scales.path) if scales is not None and scales.path is not None else None,
         "scales_sha256": config["scales_sha256"],

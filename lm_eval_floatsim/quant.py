@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .errors import ArgumentError
@@ -64,7 +65,11 @@ def quantize_codes(
     The division is in t's format (with the scale rounded to it); rounding and clamping, exact on
     integers, are in fp32, where codes beyond a 16-bit format's range still fit.
     """
-    rounded = round_codes((t / _scalar(scale, t.dtype, t.device)).float(), rounding)
+    return clamp_codes(round_codes((t / _scalar(scale, t.dtype, t.device)).float(), rounding), code_range)
+
+
+def clamp_codes(rounded: torch.Tensor, code_range: Optional[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rounded codes clamped to `code_range` (None: not clamped), and where clamping changed them."""
     if code_range is None:
         return rounded, torch.zeros_like(rounded, dtype=torch.bool)
     codes = rounded.clamp(code_range[0], code_range[1])
@@ -76,11 +81,12 @@ def silu(v: torch.Tensor) -> torch.Tensor:
     return v / (1 + torch.exp(-v))
 
 
-def quantize_operands(x, weight, bias, scales: LayerScales):
-    """X, W, Bq: the int8 codes of the conv input, weight and bias (fp32 tensors of integers)."""
+def quantize_operands(x, weight, bias, scales: LayerScales, operand_rounding: str = KERNEL_ROUNDING):
+    """X, W, Bq: the int8 codes of the conv input, weight and bias (fp32 tensors of integers).
+    X is rounded as the kernel that produces it rounds (roundf); W and Bq with `operand_rounding`."""
     X, _ = quantize_codes(x, scales.input, KERNEL_ROUNDING, INT8_RANGE)
-    W, _ = quantize_codes(weight, scales.weight, KERNEL_ROUNDING, INT8_RANGE)
-    Bq, _ = quantize_codes(bias, scales.bias, KERNEL_ROUNDING, INT8_RANGE)
+    W, _ = quantize_codes(weight, scales.weight, operand_rounding, INT8_RANGE)
+    Bq, _ = quantize_codes(bias, scales.bias, operand_rounding, INT8_RANGE)
     return X, W, Bq
 
 
@@ -134,13 +140,17 @@ def _conv_silu_values(x, weight, bias, spec, scales, observer, left_context) -> 
     if scales is None:
         raise ArgumentError("scales", None, f"calibrated scales for mode={spec.mode}")
 
-    X, W, Bq = quantize_operands(window, weight.float(), bias.float(), scales)
-    if arithmetic == INT8_KERNEL:
-        y = silu(_int8_kernel_preactivation(X, W, Bq, scales))
-    else:
-        y = _float_sim_conv_silu(X, W, Bq, scales, FORMATS[spec.asic_format])
+    X, W, Bq = quantize_operands(window, weight.float(), bias.float(), scales, spec.operand_rounding)
     effective = effective_scale(spec, scales.output)
-    codes, clamped = quantize_codes(y, effective, spec.output_rounding, spec.code_range())
+    if arithmetic == INT8_KERNEL and spec.epilogue_math == "fast":
+        y = fast_silu(_fast_int8_preactivation(X, W, Bq, scales))
+        codes, clamped = clamp_codes(round_codes(fast_quotient(y, effective), spec.output_rounding), spec.code_range())
+    else:
+        if arithmetic == INT8_KERNEL:
+            y = silu(_int8_kernel_preactivation(X, W, Bq, scales))
+        else:
+            y = _float_sim_conv_silu(X, W, Bq, scales, FORMATS[spec.asic_format])
+        codes, clamped = quantize_codes(y, effective, spec.output_rounding, spec.code_range())
     after = codes * _fp32(effective, x.device)
     if observer is not None:
         observer(y.float(), after, codes, clamped)
@@ -177,18 +187,97 @@ def causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 
 
 def _int8_kernel_preactivation(X, W, Bq, scales: LayerScales) -> torch.Tensor:
-    """v = (s_w * s_x) * acc + s_b * Bq in fp32, acc the exact integer sum of W * X.
+    """v = (s_w * s_x) * acc + s_b * Bq in fp32, each product and the sum rounded, acc the exact
+    integer sum of W * X."""
+    acc, poisoned = _int8_accumulator(X, W)
+    device = X.device
+    v = acc * (_fp32(scales.weight, device) * _fp32(scales.input, device)) + _fp32(scales.bias, device) * Bq
+    return _poison(v, poisoned)
 
-    A NaN input has no int8 code; positions whose window holds one come out NaN, as the float
-    simulation's would, so non-finite activations stay visible instead of becoming garbage codes.
+
+def _int8_accumulator(X, W) -> tuple[torch.Tensor, torch.Tensor]:
+    """acc = sum_k W[k] * X[t + k], exact in integers (as fp32, where it is exact: |acc| < 2**24),
+    and the positions whose window holds a NaN input.
+
+    A NaN input has no int8 code; positions whose window holds one come out NaN (`_poison`), as the
+    float simulation's would, so non-finite activations stay visible instead of becoming garbage
+    codes.
     """
     nan_inputs = torch.isnan(X)
     Xi = torch.where(nan_inputs, torch.zeros_like(X), X).to(torch.int32)
-    acc = causal_conv(Xi, W.to(torch.int32), torch.zeros_like(Bq, dtype=torch.int32))
-    device = X.device
-    v = acc.float() * (_fp32(scales.weight, device) * _fp32(scales.input, device)) + _fp32(scales.bias, device) * Bq
-    poisoned = causal_conv(nan_inputs.float(), torch.ones_like(W), torch.zeros_like(Bq)) > 0
+    acc = causal_conv(Xi, W.to(torch.int32), torch.zeros(W.shape[0], dtype=torch.int32, device=W.device))
+    poisoned = causal_conv(nan_inputs.float(), torch.ones_like(W), torch.zeros_like(W[:, 0])) > 0
+    return acc.float(), poisoned
+
+
+def _poison(v: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
     return torch.where(poisoned, torch.full_like(v, float("nan")), v)
+
+
+# --- the INT8 kernel's epilogue as `nvcc -O3 --use_fast_math` builds it (kernel_math=fast) ----------
+# What the compiler makes of `v = s_wx * acc + s_b * Bq; y = v / (1 + expf(-v)); roundf(y / s_y)`:
+# the sum contracted into one FMA, expf as ex2.approx of the product -v * log2(e), both divisions as
+# multiplications by rcp.approx (1 / s_y computed once), every result and operand of these flushed
+# to zero when subnormal. The FMA and the flushing are emulated exactly here; ex2.approx and
+# rcp.approx are the GPU's own (MUFU) results, for which the CPU's exp2 and correctly rounded
+# reciprocal stand in: docs/BENCHMARKS.md counts the codes that makes differ. The Triton kernel
+# issues the instructions themselves.
+FLT_MIN = 2.0**-126
+LOG2E = float(np.float32(1.4426950408889634))  # the fp32 constant __expf multiplies by (0x3FB8AA3B)
+
+
+def flush_subnormals(t: torch.Tensor) -> torch.Tensor:
+    """A subnormal fp32 value as a zero of its sign (the ftz of every fast-math instruction)."""
+    return torch.where(t.abs() < FLT_MIN, t * 0.0, t)
+
+
+def fma_fp32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """RN(a * b + c) in fp32 with a single rounding, as an FMA computes it (fp32 operands).
+
+    a * b is exact in float64 (48 significant bits). The float64 sum s is rounded to odd (its
+    exact error, from Knuth's TwoSum, says which way), after which rounding to fp32 is the correct
+    single rounding of a * b + c: round-to-odd with 53 >= 24 + 2 bits never double-rounds.
+    """
+    p, c64 = a.double() * b.double(), c.double()
+    s = p + c64
+    b_virtual = s - p
+    error = (p - (s - b_virtual)) + (c64 - b_virtual)
+    bits = s.view(torch.int64)
+    even_and_inexact = (error != 0) & ((bits & 1) == 0) & torch.isfinite(s)
+    step = torch.where((error > 0) == (s > 0), 1, -1)  # toward the exact sum
+    return torch.where(even_and_inexact, (bits + step).view(torch.float64), s).float()
+
+
+def fast_reciprocal(t: torch.Tensor) -> torch.Tensor:
+    """rcp.approx.ftz.f32, for which the correctly rounded reciprocal stands in on the CPU."""
+    return flush_subnormals(1.0 / flush_subnormals(t))
+
+
+def fast_exp(t: torch.Tensor) -> torch.Tensor:
+    """__expf: ex2.approx.ftz of RN(t * log2(e)); the CPU's exp2 stands in for ex2.approx."""
+    return flush_subnormals(torch.exp2(flush_subnormals(t * LOG2E)))
+
+
+def fast_silu(v: torch.Tensor) -> torch.Tensor:
+    """v / (1 + expf(-v)) under fast math: v times rcp.approx(1 + ex2.approx(-v * log2(e)))."""
+    denominator = flush_subnormals(1.0 + fast_exp(-v))
+    return flush_subnormals(v * fast_reciprocal(denominator))
+
+
+def fast_quotient(y: torch.Tensor, scale: float) -> torch.Tensor:
+    """y / s_y under fast math: y times rcp.approx(s_y), the reciprocal computed once."""
+    return flush_subnormals(y * fast_reciprocal(_fp32(scale, y.device)))
+
+
+def _fast_int8_preactivation(X, W, Bq, scales: LayerScales) -> torch.Tensor:
+    """v = fma(s_w * s_x, acc, RN(s_b * Bq)): the scale product rounded once (as exact's), the
+    bias term rounded, then one rounding for the product with acc and the sum."""
+    acc, poisoned = _int8_accumulator(X, W)
+    device = X.device
+    acc_scale = _fp32(scales.weight, device) * _fp32(scales.input, device)
+    bias_term = flush_subnormals(_fp32(scales.bias, device) * Bq)
+    v = flush_subnormals(fma_fp32(acc_scale.expand_as(acc), acc, bias_term.expand_as(acc)))
+    return _poison(v, poisoned)
 
 
 def _fp32(value: float, device) -> torch.Tensor:

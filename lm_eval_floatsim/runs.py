@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .dumps import read_dump
 from .errors import InputError
-from .modes import is_quantized, registry, run_label
+from .modes import KERNEL_ROUNDING, is_quantized, registry, run_label
 
 RESULTS_GLOB = "results_*.json"
 RESULTS_NAME = re.compile(r"^results_(?P<date_id>.+)\.json$")
@@ -186,8 +186,9 @@ def mode_order(summary: dict) -> tuple:
 
 
 def comparable_key(summary: dict) -> tuple:
-    """Quantized runs compare only with the same model and the same scales."""
-    return summary.get("model"), summary.get("scales_sha256")
+    """Quantized runs compare only with the same model, the same scales and the same operands (W
+    and the bias rounded the same way; runs recorded before that choice existed rounded half away)."""
+    return summary.get("model"), summary.get("scales_sha256"), summary.get("operand_rounding") or KERNEL_ROUNDING
 
 
 def comparable(a: dict, b: dict) -> bool:
@@ -301,13 +302,15 @@ def summarize(run: dict) -> dict:
     layers = layer_stats(run)
     return {
         "label": run_label(mode, section.get("divisor"), section.get("rounding"), section.get("clamp"), section.get("quantized_layers"),
-                           section.get("asic_dtype")),
+                           section.get("asic_dtype"), section.get("kernel_math"), section.get("operand_rounding")),
         "mode": mode,
         "divisor": section.get("divisor"),
         "rounding": section.get("rounding"),
         "clamp": section.get("clamp"),
         "model": section.get("model"),
         "scales_sha256": section.get("scales_sha256"),
+        "kernel_math": section.get("kernel_math"),
+        "operand_rounding": section.get("operand_rounding"),
         "date": _number(results.get("date")),
         "source": run.get("source"),
         "dump_path": run.get("dump_path"),
@@ -332,8 +335,14 @@ def group_scales(group: list[dict]) -> str | None:
     return next((s.get("scales_sha256") for s in group if is_quantized(s["mode"])), group[0].get("scales_sha256") if group else None)
 
 
+def group_operands(group: list[dict]) -> str:
+    """How the quantized runs of a comparable group rounded W and the bias."""
+    return next((comparable_key(s)[2] for s in group if is_quantized(s["mode"])), KERNEL_ROUNDING)
+
+
 def comparable_groups(summaries: list[dict]) -> list[list[dict]]:
-    """Runs split by (model, scales): runs calibrated differently are never mixed in one table.
+    """Runs split by (model, scales, operands): runs calibrated or quantized differently are never
+    mixed in one table.
 
     An fp run uses no scales: it joins every group of its model (or forms one of its own).
     """
@@ -343,7 +352,7 @@ def comparable_groups(summaries: list[dict]) -> list[list[dict]]:
             groups.setdefault(comparable_key(summary), []).append(summary)
     for summary in summaries:
         if not is_quantized(summary["mode"]):
-            homes = [key for key in groups if key[0] == summary.get("model")] or [(summary.get("model"), None)]
+            homes = [key for key in groups if key[0] == summary.get("model")] or [(summary.get("model"), None, None)]
             for key in homes:
                 groups.setdefault(key, []).append(summary)
     return [sorted(group, key=mode_order) for group in groups.values()]

@@ -245,3 +245,20 @@ def test_unusable_input_exits_2_in_one_line(tmp_path, dumps, capsys, json_output
     (empty / "scales.json").write_text("{}")
     code, out = check(empty, capsys, *options)
     assert code == 2
+
+
+def test_files_whose_weights_were_rounded_differently_fail(dumps, capsys):
+    edit(dumps, SAME, lambda dump: dump["config"].update(operand_rounding="half_even"))
+    code, out = check(dumps, capsys)
+    assert code == 1
+    assert failed_lines(out.out) == [
+        "✗ all files: same operands (operand_rounding): W and the bias were rounded differently: "
+        f"{INT8} half_away, {SAME} half_even, {BETTER} half_away"
+    ]
+
+
+def test_a_fast_math_baseline_is_named_in_the_reproduction_checks(dumps, capsys):
+    edit(dumps, INT8, lambda dump: dump["config"].update(kernel_math="fast"))
+    code, out = check(dumps, capsys)
+    assert code == 0, out.out
+    assert f"{SAME} vs {INT8} (kernel_math=fast): codes" in out.out

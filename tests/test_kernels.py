@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -44,6 +45,8 @@ SPECS = [
     QuantSpec("better", divisor=2025),
     QuantSpec("better", divisor=2025, clamp="none"),
     QuantSpec("better", divisor=2.5, rounding="half_even"),
+    QuantSpec("int8", operand_rounding="half_even"),
+    QuantSpec("same", operand_rounding="half_even"),
 ]
 
 
@@ -521,6 +524,42 @@ def test_gpu_int8_codes_are_the_cpu_reference_codes_on_a_large_input(mode):
     differing = assert_codes_match(out, expected, seen.before, spec, scales)
     print(f"{mode}: {differing} of {out.numel()} codes differ from the CPU reference")
     assert differing <= 1e-5 * out.numel()
+
+
+def fastmath_reference():
+    """benchmarks/int8_fastmath_reference.py: the nvcc --use_fast_math reference kernel and its inputs."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "int8_fastmath_reference.py")
+    spec = importlib.util.spec_from_file_location("int8_fastmath_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@cuda_only
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_gpu_fast_math_is_bit_identical_to_an_nvcc_fast_math_build(tmp_path):
+    """kernel_math=fast against our own INT8 kernel compiled with nvcc -O3 --use_fast_math: every
+    code of 16.8M realistic positions equal; exact differs from that build (so the test can tell)."""
+    reference = fastmath_reference()
+    built = reference.build(tmp_path)
+    X, W, Bq, scales = reference.realistic_inputs(8, 2048, 1024)
+    expected = reference.reference_codes(built, X, W, Bq, scales)
+    fast = reference.floatsim_codes(X, W, Bq, scales, "fast")
+    assert int((fast != expected).sum()) == 0
+    assert int((reference.floatsim_codes(X, W, Bq, scales, "exact") != expected).sum()) > 0
+
+
+@cuda_only
+def test_gpu_fast_math_against_the_cpu_emulation():
+    """The CPU emulates the FMA and the flushing exactly but not ex2.approx and rcp.approx (the
+    GPU's MUFU results): their last bits move a code by one only at a rounding tie."""
+    reference = fastmath_reference()
+    X, W, Bq, scales = reference.realistic_inputs(4, 1024, 1024, seed=3)
+    gpu = reference.floatsim_codes(X, W, Bq, scales, "fast").int()
+    cpu = reference.floatsim_codes(X.cpu(), W.cpu(), Bq.cpu(), scales, "fast").int().cuda()
+    difference = (gpu - cpu).abs()
+    print(f"fast: {int((difference > 0).sum())} of {gpu.numel()} codes differ between the GPU and the CPU emulation")
+    assert int(difference.max()) <= 1 and int((difference > 0).sum()) <= 1e-4 * gpu.numel()
 
 
 if HAS_TRITON:

@@ -197,3 +197,45 @@ def test_asic_dtype_through_lm_eval_dumps_and_check(model_files, task_manager, t
     results = checks.check_dumps(checks.load_dumps(tmp_path / "dumps"))
     assert all(result.ok for result in results), [result.line() for result in results if not result.ok]
     assert f"(to 1 {fmt} ulp)" in next(result.detail for result in results if result.name.endswith("effective scale"))
+
+
+def test_kernel_math_and_operand_rounding_through_lm_eval_dumps_check_and_compare(model_files, task_manager, tmp_path, capsys):
+    """int8 with the fast-math epilogue and W and the bias rounded half to even: recorded in the
+    dump, the results and the label; `check` names the baseline's arithmetic; `compare` keeps runs
+    with other operands apart."""
+    from lm_eval.loggers import EvaluationTracker
+    hf_folder, _, scales, _ = model_files
+
+    def run(folder, mode, **args):
+        lm = floatsim(hf_folder, tmp_path / folder, mode=mode, scales=scales, batch_size=4, **args)
+        tracker = EvaluationTracker(output_path=str(tmp_path / "results"))
+        results = evaluate(lm, task_manager, tasks=("floatsim_lambada",), evaluation_tracker=tracker)
+        results.pop("samples")
+        tracker.save_results_aggregated(results=results)
+        return results["config"]["floatsim"], lm.spec.label
+
+    chosen = {"kernel_math": "fast", "operand_rounding": "half_even"}
+    int8, int8_label = run("dumps", "int8", **chosen)
+    same, same_label = run("dumps", "same", **chosen)
+    assert (int8_label, same_label) == ("int8 fast-math operands=half_even", "same operands=half_even")
+    assert (int8["kernel_math"], int8["operand_rounding"]) == ("fast", "half_even")
+    assert (same["kernel_math"], same["operand_rounding"]) == (None, "half_even")  # the simulation has no epilogue choice
+    int8_config = dumps.read_dump(tmp_path / "dumps" / "int8_baseline.json")["config"]
+    same_config = dumps.read_dump(tmp_path / "dumps" / "floatsim_samescale.json")["config"]
+    assert (int8_config["kernel_math"], int8_config["operand_rounding"]) == ("fast", "half_even")
+    assert "kernel_math" not in same_config and same_config["operand_rounding"] == "half_even"
+    results = checks.check_dumps(checks.load_dumps(tmp_path / "dumps"))
+    assert all(result.ok for result in results), [result.line() for result in results if not result.ok]
+    assert any("(kernel_math=fast): codes" in result.name for result in results)
+
+    # A run with the default operands is not comparable with them: compare prints two groups.
+    run("other-dumps", "int8")
+    assert cli.main(["compare", str(tmp_path / "results")]) == 0
+    printed = capsys.readouterr().out
+    groups = printed.split("\n## Model ")[1:]
+    assert len(groups) == 2 and "different models, calibrations (scales) or operands" in printed
+    runs = {group.splitlines()[0]: next(line for line in group.splitlines() if line.startswith("Runs: ")) for group in groups}
+    rounded = [runs[heading] for heading in runs if heading.endswith("operands rounded half_even")]
+    plain = [runs[heading] for heading in runs if not heading.endswith("operands rounded half_even")]
+    assert rounded[0].startswith("Runs: int8 fast-math operands=half_even (") and "; same operands=half_even (" in rounded[0]
+    assert plain[0].startswith("Runs: int8 (") and ";" not in plain[0]

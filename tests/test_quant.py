@@ -21,10 +21,13 @@ from lm_eval_floatsim.errors import ArgumentError
 from lm_eval_floatsim.mamba import MambaConfig, MambaLM
 from lm_eval_floatsim.modes import format_divisor
 from lm_eval_floatsim.quant import (
+    LOG2E,
     LayerScales,
     QuantSpec,
     conv_silu,
+    fma_fp32,
     quantize_codes,
+    quantize_operands,
     round_half_away,
     round_half_even,
 )
@@ -728,3 +731,106 @@ def test_asic_dtype_on_cuda_computes_what_the_cpu_computes(fmt):
     assert torch.mean((cpu_before == gpu_before).float()) > 0.999
     assert (cpu_codes - gpu_codes).abs().max() <= 1 and torch.mean((cpu_codes == gpu_codes).float()) > 0.999
     assert torch.mean((gpu == cpu).float()) > 0.999
+
+
+# --- kernel_math=fast: the INT8 kernel as nvcc -O3 --use_fast_math builds it -----------------------
+
+FLT_MIN = 2.0**-126
+
+
+def fraction_to_fp32(value: Fraction) -> float:
+    """The fp32 value nearest to `value`, ties to even: one rounding of the exact value."""
+    guess = np.float32(float(value))
+    candidates = [np.nextafter(guess, f32(-np.inf)), guess, np.nextafter(guess, f32(np.inf))]
+    def distance(c):
+        return abs(Fraction(float(c)) - value), int(np.float32(c).view(np.uint32)) & 1
+    return float(min(candidates, key=distance))
+
+
+def test_fma_rounds_once():
+    # 1 + 2**-11 + 2**-24 is the midpoint between two fp32 neighbours; the exact sum lies 2**-60
+    # above (below) it, so one rounding goes up (down), where rounding through float64 would land
+    # on the midpoint and round to even both times.
+    a = b = 1 + 2.0**-12
+    for tiny, expected in ((2.0**-60, 1 + 2.0**-11 + 2.0**-23), (-(2.0**-60), 1 + 2.0**-11)):
+        c = torch.tensor([tiny], dtype=torch.float32)
+        assert fma_fp32(torch.tensor([a]), torch.tensor([b]), c).item() == expected
+    gen = np.random.default_rng(11)
+    n = 20000
+    a = (gen.standard_normal(n) * 10).astype(f32)
+    b = gen.standard_normal(n).astype(f32)
+    c = (gen.standard_normal(n) * 3).astype(f32)
+    c[: n // 2] = (-(a[: n // 2].astype(np.float64) * b[: n // 2])).astype(f32) * f32(1 + 2.0**-20)  # cancellation
+    got = fma_fp32(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)).numpy()
+    expected = [fraction_to_fp32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))) for x, y, z in zip(a, b, c)]
+    assert np.array_equal(got, np.array(expected, dtype=f32))
+
+
+def fast_reference(X, W, Bq, scales: LayerScales):
+    """The fast-math epilogue step by step in numpy and Fractions: the exact FMA, then fp32 numpy
+    operations (no contraction) with ex2.approx and rcp.approx taken as numpy's exp2 and a
+    correctly rounded reciprocal, subnormal results flushed. Returns (v, y, codes)."""
+    flush = lambda t: np.where(np.abs(t) < FLT_MIN, t * f32(0), t).astype(f32)  # noqa: E731
+    length = X.shape[1] - K + 1
+    acc = np.zeros((X.shape[0], length, X.shape[2]), dtype=np.int64)
+    for k in range(K):
+        acc += W[:, k].astype(np.int64) * X[:, k : k + length].astype(np.int64)
+    acc_scale = f32(scales.weight) * f32(scales.input)
+    bias_term = flush(f32(scales.bias) * Bq.astype(f32))
+    exact = np.vectorize(lambda a, b: fraction_to_fp32(Fraction(float(acc_scale)) * int(a) + Fraction(float(b))), otypes=[np.float64])
+    v = flush(exact(acc, np.broadcast_to(bias_term, acc.shape)).astype(f32))
+    with np.errstate(over="ignore"):
+        e = flush(np.exp2(flush(v * f32(-LOG2E))))
+    denominator = flush(f32(1) + e)
+    y = flush(v * flush(f32(1) / denominator))
+    q = flush(y * flush(f32(1) / f32(scales.output)))
+    return v, y, q, np.clip(ref_half_away(q), INT8_LO, INT8_HI)
+
+
+def test_kernel_math_fast_against_a_step_by_step_reference():
+    gen = np.random.default_rng(5)
+    batch, length, channels = 2, 200, 64
+    X = gen.integers(-128, 128, (batch, length + K - 1, channels))
+    W = gen.integers(-128, 128, (channels, K))
+    Bq = gen.integers(-128, 128, channels)
+    scales = LayerScales(input=2.0**-6, output=float(f32(0.0137)), weight=2.0**-10, bias=2.0**-9)
+    seen = {}
+    x = torch.tensor(X[:, K - 1 :] * scales.input, dtype=torch.float32)
+    left = torch.tensor(X[:, : K - 1] * scales.input, dtype=torch.float32)
+    w = torch.tensor(W * scales.weight, dtype=torch.float32)
+    b = torch.tensor(Bq * scales.bias, dtype=torch.float32)
+    for math_ in ("fast", "exact"):
+        conv_silu(x, w, b, QuantSpec("int8", kernel_math=math_), scales,
+                  lambda before, after, codes, clamped, m=math_: seen.update({m: (before.numpy(), codes.numpy())}),
+                  left_context=left)
+    v_ref, y_ref, q_ref, codes_ref = fast_reference(X, W, Bq, scales)
+    y, codes = seen["fast"]
+    # Every step but exp2 is one correctly rounded fp32 operation on both sides; torch's and numpy's
+    # exp2 may differ in the last bit, which the sum 1 + e, the reciprocal and the product each
+    # round again: y moves by up to ~3 ulps, and a code only at a tie.
+    assert np.all(np.abs(y - y_ref) <= 4 * np.spacing(np.abs(y_ref)))
+    assert np.mean(y == y_ref) > 0.95  # 97.8% measured: the two exp2 agree on most inputs
+    ambiguous = near_tie(q_ref) & (y != y_ref)
+    assert np.array_equal(codes[~ambiguous], codes_ref[~ambiguous])
+    # The fast epilogue is another arithmetic: its y differs from exact's at many positions.
+    assert np.mean(seen["exact"][0] != y) > 0.1
+
+
+def test_operand_rounding_half_even_rounds_weight_and_bias_ties_to_even_and_leaves_the_input():
+    s = 2.0**-4
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 3.25]) * s  # exact multiples of s/2
+    X, W, Bq = quantize_operands(ties[None, :, None].expand(1, 6, 1), ties[:, None], ties, LayerScales(s, s, s, s), "half_even")
+    assert W[:, 0].tolist() == [0.0, 2.0, 2.0, -0.0, -2.0, 3.0] and Bq.tolist() == W[:, 0].tolist()
+    assert X[0, :, 0].tolist() == [1.0, 2.0, 3.0, -1.0, -3.0, 3.0]  # the kernel's roundf
+    # A conv whose weights sit on ties computes with half_even what it computes, half_away, with
+    # the weights rounded to even beforehand.
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 50, 6, generator=gen)
+    weight = torch.randint(-20, 20, (6, 4), generator=gen) * s + s / 2
+    bias = torch.randint(-20, 20, (6,), generator=gen) * s + s / 2
+    scales = LayerScales(float(x.abs().max()) / 127, 0.01, s, s)
+    evened = {"w": torch.round(weight / s) * s, "b": torch.round(bias / s) * s}
+    for mode in ("int8", "same"):
+        spec = QuantSpec(mode, operand_rounding="half_even")
+        assert torch.equal(conv_silu(x, weight, bias, spec, scales), conv_silu(x, evened["w"], evened["b"], QuantSpec(mode), scales))
+        assert not torch.equal(conv_silu(x, weight, bias, QuantSpec(mode), scales), conv_silu(x, weight, bias, spec, scales))

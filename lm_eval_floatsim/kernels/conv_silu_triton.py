@@ -54,8 +54,9 @@ from .. import recorder
 
 # Globals a jitted function reads must be tl.constexpr.
 TAPS = tl.constexpr(4)  # the kernel's conv width (mamba's d_conv); other widths run the PyTorch path
-# Kernel modes: the simulation of `same` and `better` differs only in scale and clamp range.
-MODE_FP, MODE_INT8, MODE_SIM = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Kernel modes: the simulation of `same` and `better` differs only in scale and clamp range;
+# MODE_INT8_FAST is the INT8 kernel with the fast-math epilogue (kernel_math=fast).
+MODE_FP, MODE_INT8, MODE_SIM, MODE_INT8_FAST = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 MODE_IDS = {modes.FP: MODE_FP.value, modes.INT8_KERNEL: MODE_INT8.value, modes.FLOAT_SIM: MODE_SIM.value}  # by arithmetic
 ROUNDING_IDS = {name: index for index, name in enumerate(modes.ROUNDINGS)}
 HALF_AWAY = tl.constexpr(ROUNDING_IDS["half_away"])
@@ -115,7 +116,7 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
         observer.sums if stats else out, observer.maxes if stats else out,
         length, channels,
         *params["scalars"],
-        MODE=params["mode"], ROUNDING=params["rounding"], CLAMP=params["clamp"],
+        MODE=params["mode"], ROUNDING=params["rounding"], OPERAND_ROUNDING=params["operand_rounding"], CLAMP=params["clamp"],
         HAS_CONTEXT=left_context is not None, HAS_MASK=mask is not None, ZERO_PADDING=zero_padding, STATS=stats,
         BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=UNROLL if chunk % UNROLL == 0 else 1,
         num_warps=warps, **COMPILE_OPTIONS, **({"maxnreg": STATS_MAX_REGISTERS} if stats else {}),
@@ -158,7 +159,8 @@ def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]
     SCALE_RANGE."""
     if not spec.quantized:
         scalars = (1.0,) * 5 + (0.0, 0.0) + (1.0,) * 4
-        return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "clamp": False, "scales_in_range": True, "scalars": scalars}
+        return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "operand_rounding": HALF_AWAY.value, "clamp": False,
+                "scales_in_range": True, "scalars": scalars}
     s_x, s_w, s_b = (_fp32(value) for value in (scales.input, scales.weight, scales.bias))
     acc_scale = _fp32(np.float32(s_w) * np.float32(s_x))  # quant: fp32(s_w) * fp32(s_x), in fp32
     s_y = _fp32(spec.effective_scale(scales.output))
@@ -166,8 +168,9 @@ def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]
     lo, hi = (_fp32(bound) for bound in code_range) if code_range is not None else (0.0, 0.0)
     divisors = (s_x, s_w, s_b, s_y)
     return {
-        "mode": MODE_IDS[spec.kind.arithmetic],
+        "mode": MODE_INT8_FAST.value if spec.epilogue_math == "fast" else MODE_IDS[spec.kind.arithmetic],
         "rounding": ROUNDING_IDS[spec.output_rounding],
+        "operand_rounding": ROUNDING_IDS[spec.operand_rounding],
         "clamp": code_range is not None,
         "scales_in_range": all(SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] for scale in divisors),
         "scalars": (s_x, s_w, s_b, acc_scale, s_y, lo, hi) + tuple(_reciprocal(scale) for scale in divisors),
@@ -201,11 +204,15 @@ def _code(t, scale, reciprocal, ROUNDING: tl.constexpr):
     plus +0.0 gives here too. Half to even is rint, which keeps the quotient's zero.
     """
     if ROUNDING == HALF_AWAY:
-        q = _divide(t, scale, reciprocal, True)
-        half = ((q.to(tl.uint32, bitcast=True) & SIGN_BIT) | HALF_BITS).to(tl.float32, bitcast=True)
-        return libdevice.trunc(libdevice.add_rz(q, half))
+        return _round_half_away(_divide(t, scale, reciprocal, True))
     else:
         return libdevice.rint(_divide(t, scale, reciprocal, False))
+
+
+@triton.jit
+def _round_half_away(q):
+    half = ((q.to(tl.uint32, bitcast=True) & SIGN_BIT) | HALF_BITS).to(tl.float32, bitcast=True)
+    return libdevice.trunc(libdevice.add_rz(q, half))
 
 
 @triton.jit
@@ -247,36 +254,74 @@ def _divide(t, scale, reciprocal, POSITIVE_ZERO: tl.constexpr):
 
 
 @triton.jit
-def _operand_codes(t, scale, reciprocal):
-    """quant.quantize_operands: clamp(round_half_away(t / scale), -128, 127)."""
-    return _clamp(_code(t, scale, reciprocal, HALF_AWAY), -128.0, 127.0)
+def _operand_codes(t, scale, reciprocal, ROUNDING: tl.constexpr):
+    """quant.quantize_operands: clamp(rnd(t / scale), -128, 127)."""
+    return _clamp(_code(t, scale, reciprocal, ROUNDING), -128.0, 127.0)
 
 
 @triton.jit
-def _silu(v):
-    """quant.silu: v / (1 + exp(-v)). (v * -1.0 is -v, which the compiler folds into exp's first
-    instruction; Triton's -v is 0.0 - v, one more instruction per value.)"""
-    return libdevice.div_rn(v, libdevice.add_rn(1.0, libdevice.exp(v * -1.0)))
+def _silu(v, MODE: tl.constexpr):
+    """quant.silu: v / (1 + exp(-v)), or quant.fast_silu for the fast-math INT8 kernel. (v * -1.0
+    is -v, which the compiler folds into exp's first instruction; Triton's -v is 0.0 - v, one more
+    instruction per value.)"""
+    if MODE == MODE_INT8_FAST:
+        return _fast_silu(v)
+    else:
+        return libdevice.div_rn(v, libdevice.add_rn(1.0, libdevice.exp(v * -1.0)))
+
+
+# The fast-math epilogue (quant.py, kernel_math=fast) as the instructions nvcc -O3 --use_fast_math
+# emits for it, written out so that the compiler can neither contract nor reorder them.
+@triton.jit
+def _fast_silu(v):
+    return tl.inline_asm_elementwise(
+        """{ .reg .f32 t, e, d, r;
+        mul.ftz.f32 t, $1, 0fBFB8AA3B;
+        ex2.approx.ftz.f32 e, t;
+        add.ftz.f32 d, e, 0f3F800000;
+        rcp.approx.ftz.f32 r, d;
+        mul.ftz.f32 $0, $1, r; }""",
+        "=f,f", [v], dtype=tl.float32, is_pure=True, pack=1,
+    )
 
 
 @triton.jit
-def _conv_operand(raw, scale, reciprocal, MODE: tl.constexpr):
+def _fast_quotient(y, scale):
+    """quant.fast_quotient: y * rcp.approx(s_y)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .f32 r; rcp.approx.ftz.f32 r, $2; mul.ftz.f32 $0, $1, r; }",
+        "=f,f,f", [y, scale + tl.zeros_like(y)], dtype=tl.float32, is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _fast_preactivation(acc, acc_scale, bias_term):
+    """quant._fast_int8_preactivation: fma(s_w * s_x, acc, s_b * Bq), flushed."""
+    return tl.inline_asm_elementwise(
+        "fma.rn.ftz.f32 $0, $1, $2, $3;",
+        "=f,f,f,f", [acc_scale + tl.zeros_like(acc), acc, bias_term + tl.zeros_like(acc)], dtype=tl.float32,
+        is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _conv_operand(raw, scale, reciprocal, MODE: tl.constexpr, ROUNDING: tl.constexpr):
     """A conv operand (input or weight) as the mode sees it: the value (fp), its int8 code
     (int8), or the code dequantized (same/better)."""
     value = raw.to(tl.float32)
     if MODE == MODE_FP:
         return value
-    elif MODE == MODE_INT8:
-        return _operand_codes(value, scale, reciprocal)
+    elif MODE == MODE_INT8 or MODE == MODE_INT8_FAST:
+        return _operand_codes(value, scale, reciprocal, ROUNDING)
     else:
-        return libdevice.mul_rn(_operand_codes(value, scale, reciprocal), scale)
+        return libdevice.mul_rn(_operand_codes(value, scale, reciprocal, ROUNDING), scale)
 
 
 @triton.jit
 def _tap(sum_so_far, weight, value, MODE: tl.constexpr):
     # int8: products of codes and their sums are exact integers in fp32 (FMA or not);
     # otherwise quant.causal_conv's `out + w[k] * window[k]`, rounded twice.
-    if MODE == MODE_INT8:
+    if MODE == MODE_INT8 or MODE == MODE_INT8_FAST:
         return sum_so_far + weight * value
     else:
         return libdevice.add_rn(sum_so_far, libdevice.mul_rn(weight, value))
@@ -285,29 +330,43 @@ def _tap(sum_so_far, weight, value, MODE: tl.constexpr):
 @triton.jit
 def _preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE: tl.constexpr):
     """The conv over the window x0..x3 (oldest first), taps in order, plus the bias term.
-    int8: v = acc_scale * acc + s_b * Bq (quant._int8_kernel_preactivation)."""
-    if MODE == MODE_INT8:
+    int8: v = acc_scale * acc + s_b * Bq (quant._int8_kernel_preactivation, or with one rounding,
+    quant._fast_int8_preactivation)."""
+    if MODE == MODE_INT8 or MODE == MODE_INT8_FAST:
         acc = _tap(_tap(_tap(_tap(0.0, w0, x0, MODE), w1, x1, MODE), w2, x2, MODE), w3, x3, MODE)
-        return libdevice.add_rn(libdevice.mul_rn(acc, acc_scale), bias_term)
+        if MODE == MODE_INT8_FAST:
+            return _fast_preactivation(acc, acc_scale, bias_term)
+        else:
+            return libdevice.add_rn(libdevice.mul_rn(acc, acc_scale), bias_term)
     else:
         return _tap(_tap(_tap(_tap(bias_term, w0, x0, MODE), w1, x1, MODE), w2, x2, MODE), w3, x3, MODE)
 
 
 @triton.jit
 def _weight_operand(
-    w_ptr, sw_d, sw_k, d, d_ok, k: tl.constexpr, weight_scale, weight_reciprocal, MODE: tl.constexpr
-):
+    w_ptr, sw_d, sw_k, d, d_ok, k: tl.constexpr, weight_scale, weight_reciprocal, MODE: tl.constexpr,
+    OPERAND_ROUNDING: tl.constexpr,
+):  # fmt: skip
     w = tl.load(w_ptr + d * sw_d + k * sw_k, mask=d_ok, other=0.0)
-    return _conv_operand(w, weight_scale, weight_reciprocal, MODE)
+    return _conv_operand(w, weight_scale, weight_reciprocal, MODE, OPERAND_ROUNDING)
 
 
 @triton.jit
-def _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE: tl.constexpr):
+def _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE: tl.constexpr, OPERAND_ROUNDING: tl.constexpr):
+    """s_b * Bq (mul.ftz in the fast-math INT8 kernel: the same value, bar subnormals)."""
     b = tl.load(b_ptr + d * sb_d, mask=d_ok, other=0.0).to(tl.float32)
     if MODE == MODE_FP:
         return b
+    elif MODE == MODE_INT8_FAST:
+        return _flush(libdevice.mul_rn(_operand_codes(b, bias_scale, bias_reciprocal, OPERAND_ROUNDING), bias_scale))
     else:
-        return libdevice.mul_rn(_operand_codes(b, bias_scale, bias_reciprocal), bias_scale)
+        return libdevice.mul_rn(_operand_codes(b, bias_scale, bias_reciprocal, OPERAND_ROUNDING), bias_scale)
+
+
+@triton.jit
+def _flush(t):
+    """quant.flush_subnormals."""
+    return tl.where(tl.abs(t) < 1.1754943508222875e-38, t * 0.0, t)
 
 
 # ------------------------------------------------------------------ the kernel
@@ -400,15 +459,15 @@ def _walk(
 
     x0 = _conv_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 3, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE,
+        in_scale, in_reciprocal, MODE, HALF_AWAY,
     )  # fmt: skip
     x1 = _conv_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 2, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE,
+        in_scale, in_reciprocal, MODE, HALF_AWAY,
     )  # fmt: skip
     x2 = _conv_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 1, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE,
+        in_scale, in_reciprocal, MODE, HALF_AWAY,
     )  # fmt: skip
 
     zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
@@ -424,14 +483,17 @@ def _walk(
             real = bit != 0
             raw = rows[step]
             if ZERO_PADDING:
-                x3 = _conv_operand(tl.where(real, raw, 0.0), in_scale, in_reciprocal, MODE)
+                x3 = _conv_operand(tl.where(real, raw, 0.0), in_scale, in_reciprocal, MODE, HALF_AWAY)
             else:
-                x3 = _conv_operand(raw, in_scale, in_reciprocal, MODE)
-            before = _silu(_preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE))
+                x3 = _conv_operand(raw, in_scale, in_reciprocal, MODE, HALF_AWAY)
+            before = _silu(_preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE), MODE)
             if MODE == MODE_FP:
                 after = before
             else:
-                rounded = _code(before, out_scale, out_reciprocal, ROUNDING)
+                if MODE == MODE_INT8_FAST:
+                    rounded = _round_half_away(_fast_quotient(before, out_scale))
+                else:
+                    rounded = _code(before, out_scale, out_reciprocal, ROUNDING)
                 if CLAMP:
                     codes = _clamp(rounded, lo, hi)
                 else:
@@ -486,7 +548,7 @@ def _conv_silu_kernel(
     length, channels,
     in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi,
     in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
-    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
+    MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
@@ -499,13 +561,13 @@ def _conv_silu_kernel(
         in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
     )  # fmt: skip
     totals = _program(
-        memory, quantization, MODE, ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
+        memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
         STORE=True, STATS=STATS, EXACT=False,
     )  # fmt: skip
     if STATS:
         if not ((totals[SUM_ABS_ERR] <= FLT_MAX) & (totals[SUM_SQ_SIGNAL] <= FLT_MAX)):  # see _walk
             totals = _program_statistics_exactly(
-                memory, quantization, MODE, ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL
+                memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL
             )  # fmt: skip
         slot = (tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))) % SLOTS
         row = sums_ptr + slot * N_SUMS  # the recorder's partial rows (recorder.SLOTS)
@@ -518,7 +580,7 @@ def _conv_silu_kernel(
 
 @triton.jit(noinline=True)
 def _program_statistics_exactly(
-    memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
+    memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
@@ -527,14 +589,14 @@ def _program_statistics_exactly(
     inlined, the two walks shared values, which took the kernel from 104 to 123 registers and
     made it 4-9% slower."""
     return _program(
-        memory, quantization, MODE, ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
+        memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
         STORE=False, STATS=True, EXACT=True,
     )  # fmt: skip
 
 
 @triton.jit
 def _program(
-    memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
+    memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
     STORE: tl.constexpr, STATS: tl.constexpr, EXACT: tl.constexpr,
@@ -547,11 +609,11 @@ def _program(
     d_ok = d < channels
     starts = (tl.program_id(1) * GROUP + tl.arange(0, GROUP)) * CHUNK
 
-    w0 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 0, weight_scale, weight_reciprocal, MODE)[None, :]
-    w1 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 1, weight_scale, weight_reciprocal, MODE)[None, :]
-    w2 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 2, weight_scale, weight_reciprocal, MODE)[None, :]
-    w3 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 3, weight_scale, weight_reciprocal, MODE)[None, :]
-    bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE)[None, :]
+    w0 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 0, weight_scale, weight_reciprocal, MODE, OPERAND_ROUNDING)[None, :]
+    w1 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 1, weight_scale, weight_reciprocal, MODE, OPERAND_ROUNDING)[None, :]
+    w2 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 2, weight_scale, weight_reciprocal, MODE, OPERAND_ROUNDING)[None, :]
+    w3 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 3, weight_scale, weight_reciprocal, MODE, OPERAND_ROUNDING)[None, :]
+    bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE, OPERAND_ROUNDING)[None, :]
     real_bits = _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK, CHUNK)
 
     sums = _walk(
