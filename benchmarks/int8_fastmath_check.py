@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from int8_fastmath_reference import SOURCE, FLAGS, build, floatsim_codes, realistic_inputs, reference_codes  # noqa: E402
+from int8_fastmath_reference import SOURCE, FLAGS, build, floatsim_codes, realistic_inputs, reference_codes, tie_inputs  # noqa: E402
 
 from lm_eval_floatsim.quant import QuantSpec, conv_silu  # noqa: E402
 
@@ -74,18 +74,25 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     module = build(args.out / "build")
-    X, W, Bq, scales = realistic_inputs(8, 2048, 1024)
-    reference = reference_codes(module, X, W, Bq, scales)
-    fast, exact = floatsim_codes(X, W, Bq, scales, "fast"), floatsim_codes(X, W, Bq, scales, "exact")
-    cpu_fast = floatsim_codes(X.cpu(), W.cpu(), Bq.cpu(), scales, "fast").cuda()
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "scales": dataclasses.asdict(scales),
-        "gpu_fast_vs_nvcc_fast_math": differing(fast, reference),
-        "gpu_exact_vs_nvcc_fast_math": differing(exact, reference),
-        "cpu_fast_vs_gpu_fast": differing(cpu_fast, fast),
-        "speed": speed(),
-    }
+    report = {"device": torch.cuda.get_device_name(), "inputs": {}}
+    cases = {"realistic": realistic_inputs, "realistic_without_outlier_channels": lambda *shape: realistic_inputs(*shape, outliers=False),
+             "ties": tie_inputs}
+    for name, make in cases.items():
+        X, W, Bq, scales = make(8, 2048, 1024)
+        reference = reference_codes(module, X, W, Bq, scales)
+        fast, exact = floatsim_codes(X, W, Bq, scales, "fast"), floatsim_codes(X, W, Bq, scales, "exact")
+        cpu_fast = floatsim_codes(X.cpu(), W.cpu(), Bq.cpu(), scales, "fast").cuda()
+        cpu_exact = floatsim_codes(X.cpu(), W.cpu(), Bq.cpu(), scales, "exact").cuda()
+        report["inputs"][name] = {
+            "scales": dataclasses.asdict(scales),
+            "mean_abs_code": float(reference.float().abs().mean()),
+            "gpu_fast_vs_nvcc_fast_math": differing(fast, reference),
+            "gpu_exact_vs_nvcc_fast_math": differing(exact, reference),
+            "cpu_fast_vs_gpu_fast": differing(cpu_fast, fast),
+            "cpu_fast_vs_nvcc_fast_math": differing(cpu_fast, reference),
+            "cpu_exact_vs_gpu_exact": differing(cpu_exact, exact),
+        }
+    report["speed"] = speed()
     (args.out / "reference.ptx.txt").write_text(reference_ptx())
     (args.out / "int8_fastmath.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -217,8 +217,8 @@ def _poison(v: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
 # --- the INT8 kernel's epilogue as `nvcc -O3 --use_fast_math` builds it (kernel_math=fast) ----------
 # What the compiler makes of `v = s_wx * acc + s_b * Bq; y = v / (1 + expf(-v)); roundf(y / s_y)`:
 # the sum contracted into one FMA, expf as ex2.approx of the product -v * log2(e), both divisions as
-# multiplications by rcp.approx (1 / s_y computed once), every result and operand of these flushed
-# to zero when subnormal. The FMA and the flushing are emulated exactly here; ex2.approx and
+# div.approx, i.e. multiplications by rcp.approx (1 / s_y computed once), every result and operand of
+# these flushed to zero when subnormal (the PTX and SASS of such a build: docs/BENCHMARKS.md). The FMA and the flushing are emulated exactly here; ex2.approx and
 # rcp.approx are the GPU's own (MUFU) results, for which the CPU's exp2 and correctly rounded
 # reciprocal stand in: docs/BENCHMARKS.md counts the codes that makes differ. The Triton kernel
 # issues the instructions themselves.

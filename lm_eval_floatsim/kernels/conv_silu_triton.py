@@ -270,26 +270,27 @@ def _silu(v, MODE: tl.constexpr):
         return libdevice.div_rn(v, libdevice.add_rn(1.0, libdevice.exp(v * -1.0)))
 
 
-# The fast-math epilogue (quant.py, kernel_math=fast) as the instructions nvcc -O3 --use_fast_math
-# emits for it, written out so that the compiler can neither contract nor reorder them.
+# The fast-math epilogue (quant.py, kernel_math=fast) as the PTX nvcc -O3 --use_fast_math emits for
+# it (read off benchmarks/int8_fastmath_reference.cu's build on the H200: fma.rn.ftz, mul.ftz by
+# -log2(e), ex2.approx.ftz, add.ftz, div.approx.ftz twice, which ptxas turns into MUFU.RCP and FMUL),
+# written out so that the compiler can neither contract nor reorder them.
 @triton.jit
 def _fast_silu(v):
     return tl.inline_asm_elementwise(
-        """{ .reg .f32 t, e, d, r;
+        """{ .reg .f32 t, e, d;
         mul.ftz.f32 t, $1, 0fBFB8AA3B;
         ex2.approx.ftz.f32 e, t;
         add.ftz.f32 d, e, 0f3F800000;
-        rcp.approx.ftz.f32 r, d;
-        mul.ftz.f32 $0, $1, r; }""",
+        div.approx.ftz.f32 $0, $1, d; }""",
         "=f,f", [v], dtype=tl.float32, is_pure=True, pack=1,
     )
 
 
 @triton.jit
 def _fast_quotient(y, scale):
-    """quant.fast_quotient: y * rcp.approx(s_y)."""
+    """quant.fast_quotient: y * rcp.approx(s_y), as div.approx.ftz (ptxas hoists the reciprocal)."""
     return tl.inline_asm_elementwise(
-        "{ .reg .f32 r; rcp.approx.ftz.f32 r, $2; mul.ftz.f32 $0, $1, r; }",
+        "div.approx.ftz.f32 $0, $1, $2;",
         "=f,f,f", [y, scale + tl.zeros_like(y)], dtype=tl.float32, is_pure=True, pack=1,
     )
 
