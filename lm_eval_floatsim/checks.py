@@ -277,6 +277,10 @@ def check_no_nulls(file: DumpFile) -> CheckResult:
                 problems += [(layer["layer_idx"], f"{field}[{j}]") for j, item in enumerate(value) if not _is_number(item)]
             elif field != "codes" and not _is_number(value):
                 problems.append((layer["layer_idx"], field))
+    if problems and _computed_nothing(file):
+        return CheckResult(name, False, "no values in any layer: the run computed no forward (stats.count is 0 in every "
+                           "layer); an lm_eval --use_cache run whose every request came from the cache dumps nothing, "
+                           "so rerun without --use_cache to dump values")
     if problems:
         layer_idx, where = problems[0]
         in_layers = len({layer for layer, _ in problems})
@@ -286,6 +290,11 @@ def check_no_nulls(file: DumpFile) -> CheckResult:
         return CheckResult(name, True, "scales, values and codes present in every quantized layer, values in the others")
     checked = "scales, values and codes" if file.quantized else "values"
     return CheckResult(name, True, f"{checked} present in every layer")
+
+
+def _computed_nothing(file: DumpFile) -> bool:
+    stats = [layer.get("stats") for layer in file.layers]
+    return bool(stats) and all(isinstance(s, dict) and s.get("count") == 0 for s in stats)
 
 
 def check_config_flags(file: DumpFile) -> CheckResult:

@@ -262,3 +262,18 @@ def test_a_fast_math_baseline_is_named_in_the_reproduction_checks(dumps, capsys)
     code, out = check(dumps, capsys)
     assert code == 0, out.out
     assert f"{SAME} vs {INT8} (kernel_math=fast): codes" in out.out
+
+
+def test_a_dump_of_a_run_that_computed_nothing_says_why(dumps, capsys):
+    """A run whose every request came from lm_eval's --use_cache ran no forward: its dump has no
+    values and zero counts, and check says so instead of listing nulls."""
+    def nothing_computed(dump):
+        for layer in dump["layers"]:
+            nulls = [None] * len(layer["before_quant"])  # as such a run writes them
+            layer.update(before_quant=nulls, after_quant=nulls, codes=nulls, stats={**layer["stats"], "count": 0})
+
+    edit(dumps, INT8, nothing_computed)
+    code, out = check(dumps, capsys)
+    assert code == 1
+    line = next(line for line in failed_lines(out.out) if line.startswith(f"✗ {INT8}: no nulls"))
+    assert "the run computed no forward" in line and "--use_cache" in line
