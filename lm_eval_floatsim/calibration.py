@@ -487,6 +487,8 @@ def scales_settings(settings: CalibrationSettings, model, tokenizer) -> dict:
         "dtype": str(model.dtype).removeprefix("torch."),
         "tokenizer": getattr(tokenizer, "name_or_path", None) or None,
         "weights_sha256": weights_sha256(model),
+        # The same weights under another mixer (a FalconMamba config) compute other activations.
+        **({} if model.config.mixer == "Mamba1" else {"mixer": model.config.mixer, "mixer_rms_eps": model.config.mixer_rms_eps}),
     }
 
 

@@ -5,12 +5,13 @@
   pad_vocab_size_multiple.
 - transformers MambaForCausalLM (state-spaces/mamba-130m-hf): config.json with model_type "mamba",
   hidden_size, num_hidden_layers, ...; weights as transformers names them
-  (`backbone.embeddings.weight`), vocabulary used as the config gives it.
+  (`backbone.embeddings.weight`), vocabulary used as the config gives it. FalconMambaForCausalLM
+  (tiiuae/falcon-mamba-7b, model_type "falcon_mamba") the same, with mixer_rms_eps.
 
 Weights come from model.safetensors, pytorch_model.bin, or their sharded forms (*.index.json).
 Every problem with a checkpoint is an InputError naming the file and the problem, in one line.
-Checkpoints of other models, the rest of the Mamba family included (FalconMamba, Mamba-2, hybrids
-such as Jamba or Zamba), are refused by their model type: loaded as Mamba-1 they would run, wrongly.
+Checkpoints of other models, the rest of the Mamba family included (Mamba-2, hybrids such as Jamba
+or Zamba), are refused by their model type: loaded as Mamba-1 they would run, wrongly.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def read_config(folder: Path) -> tuple[MambaConfig, str]:
     ssm_cfg = raw.get("ssm_cfg") or {}
     _refuse_other_models(raw, ssm_cfg, path)
     try:
-        if raw.get("model_type") == "mamba" or "hidden_size" in raw:
+        if raw.get("model_type") in TRANSFORMERS_MIXERS or "hidden_size" in raw:
             return _transformers_config(raw, path), "transformers"
         if "d_model" in raw:
             return _mamba_ssm_config(raw, ssm_cfg, path), "mamba_ssm"
@@ -187,7 +188,6 @@ def read_config(folder: Path) -> tuple[MambaConfig, str]:
 
 # Model types that share Mamba's names or config keys and would otherwise load as Mamba-1.
 OTHER_FAMILY_MODELS = {
-    "falcon_mamba": "FalconMamba: Mamba-1 with RMS normalisation of B, C and dt in the mixer",
     "mamba2": "Mamba-2: a multi-head SSD scan over a conv of x, B and C",
     "jamba": "Jamba: a hybrid of Mamba and attention layers",
     "zamba": "Zamba: a hybrid of Mamba and shared attention layers",
@@ -197,7 +197,9 @@ OTHER_FAMILY_MODELS = {
     "nemotron_h": "Nemotron-H: a hybrid of Mamba-2 and attention layers",
     "granitemoehybrid": "Granite 4.0: a hybrid of Mamba-2 and attention layers",
 }
-SUPPORTED = "mamba (transformers' MambaForCausalLM) or mamba_ssm's Mamba-1 layout"
+SUPPORTED = "mamba and falcon_mamba (transformers' MambaForCausalLM, FalconMambaForCausalLM) or mamba_ssm's Mamba-1 layout"
+# transformers' model types this package loads, and the mixer each has (mamba.MIXERS).
+TRANSFORMERS_MIXERS = {"mamba": "Mamba1", "falcon_mamba": "FalconMamba"}
 
 
 def _refuse_other_models(raw: dict, ssm_cfg, path: Path) -> None:
@@ -206,7 +208,7 @@ def _refuse_other_models(raw: dict, ssm_cfg, path: Path) -> None:
         raise InputError(
             f"{path}: model_type {model_type!r} is not supported yet ({OTHER_FAMILY_MODELS[model_type]}); supported: {SUPPORTED}"
         )
-    if model_type is not None and model_type != "mamba":
+    if model_type is not None and model_type not in TRANSFORMERS_MIXERS:
         raise InputError(f"{path}: not a Mamba checkpoint (model_type {model_type!r}); supported: {SUPPORTED}")
     layer = ssm_cfg.get("layer", "Mamba1") if isinstance(ssm_cfg, dict) else "Mamba1"
     if layer == "Mamba2":
@@ -257,6 +259,8 @@ def _transformers_config(raw: dict, path: Path) -> MambaConfig:
         bias=bool(raw.get("use_bias", False)),
         pad_vocab_size_multiple=1,
         tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        mixer=TRANSFORMERS_MIXERS[raw.get("model_type") or "mamba"],
+        mixer_rms_eps=float(raw.get("mixer_rms_eps", MambaConfig.mixer_rms_eps)),
     )
 
 

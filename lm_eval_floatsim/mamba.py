@@ -1,5 +1,8 @@
 """A Mamba (v1) language model whose Conv1D+SiLU step runs through a quantization site (`sites`).
 
+`MIXERS` maps a mixer type to its class (as mamba_ssm's layer map): `Mamba1`, and `FalconMamba`
+(Mamba-1 whose selective-scan inputs dt, B and C are RMS-normalised, without weights).
+
 Parameter names follow mamba_ssm's MambaLMHeadModel (`backbone.layers.N.mixer.conv1d.weight`, ...)
 so that original checkpoints load as they are. Activations are channels-last (batch, length,
 channels) from in_proj to out_proj. One forward serves prompts and single decoding steps: given a
@@ -40,6 +43,8 @@ class MambaConfig:
     bias: bool = False
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
+    mixer: str = "Mamba1"
+    mixer_rms_eps: float = 1e-6  # FalconMamba's normalisation of dt, B and C
 
     @property
     def d_inner(self) -> int:
@@ -108,7 +113,7 @@ class Mixer(nn.Module):
         if state is not None:
             state.conv[self.layer_idx] = _last_conv_inputs(left_context, x, mask)
 
-        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self.scan_inputs(u)
         delta = F.linear(dt, self.dt_proj.weight)
         A = -torch.exp(self.A_log.float())
         h0 = state.ssm[self.layer_idx] if state is not None else None
@@ -120,6 +125,30 @@ class Mixer(nn.Module):
         else:
             y = scanned
         return self.out_proj(y)
+
+    def scan_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dt (before dt_proj), B and C: x_proj of the Conv1D+SiLU output, split."""
+        return torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+
+
+class FalconMambaMixer(Mixer):
+    """FalconMamba's mixer: Mamba-1's, with dt, B and C each RMS-normalised (in fp32, no weight,
+    eps `mixer_rms_eps`) before dt_proj and the scan."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.rms_eps = config.mixer_rms_eps
+
+    def scan_inputs(self, u):
+        return tuple(_weightless_rms_norm(t, self.rms_eps) for t in super().scan_inputs(u))
+
+
+def _weightless_rms_norm(t: torch.Tensor, eps: float) -> torch.Tensor:
+    t32 = t.float()
+    return (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)
+
+
+MIXERS = {"Mamba1": Mixer, "FalconMamba": FalconMambaMixer}
 
 
 def _last_conv_inputs(left_context: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -137,7 +166,7 @@ class Block(nn.Module):
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()
         self.norm = RMSNorm(config.d_model, config.norm_epsilon)
-        self.mixer = Mixer(config, layer_idx)
+        self.mixer = MIXERS[config.mixer](config, layer_idx)
 
 
 class Backbone(nn.Module):

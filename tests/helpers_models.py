@@ -60,15 +60,16 @@ def hf_config(
 
 @torch.no_grad()
 def random_hf_model(config, seed: int = 0):
-    """MambaForCausalLM (fp32, eval) with random weights, every parameter kind moved off its default.
+    """MambaForCausalLM or FalconMambaForCausalLM (by the config's model_type; fp32, eval) with
+    random weights, every parameter kind moved off its default.
 
     transformers initializes A_log, D, the norms and the conv bias to structured constants; a loader
     that dropped or swapped one of them would go unnoticed, so each gets random values here.
     """
-    from transformers import MambaForCausalLM
+    from transformers import FalconMambaForCausalLM, MambaForCausalLM
 
     torch.manual_seed(seed)
-    model = MambaForCausalLM(config).eval()
+    model = {"mamba": MambaForCausalLM, "falcon_mamba": FalconMambaForCausalLM}[config.model_type](config).eval()
     for layer in model.backbone.layers:
         mixer = layer.mixer
         mixer.A_log.add_(0.3 * torch.randn_like(mixer.A_log))

@@ -468,3 +468,21 @@ def test_weights_fingerprint_sees_every_parameter():
     with torch.no_grad():
         model.backbone.layers[2].mixer.D[3] += 1e-6
     assert calibration.weights_sha256(model) != before
+
+
+def test_the_same_weights_under_another_mixer_are_another_cache_entry():
+    """A FalconMamba config over Mamba-1 weights computes other activations: its scales must not
+    come from the Mamba-1 model's cache entry (the weights' hash alone is the same)."""
+    import dataclasses
+
+    from lm_eval_floatsim.mamba import MambaConfig, MambaLM
+
+    mamba = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=40))
+    falcon = MambaLM(dataclasses.replace(mamba.config, mixer="FalconMamba"))
+    falcon.load_state_dict(mamba.state_dict())
+    settings = CalibrationSettings(calib_data="calib.txt")
+    for_mamba = calibration.scales_settings(settings, mamba, None)
+    for_falcon = calibration.scales_settings(settings, falcon, None)
+    assert for_mamba["weights_sha256"] == for_falcon["weights_sha256"] and "mixer" not in for_mamba
+    assert for_falcon["mixer"] == "FalconMamba" and for_falcon["mixer_rms_eps"] == 1e-6
+    assert calibration.cache_path("m", for_mamba, "c") != calibration.cache_path("m", for_falcon, "c")

@@ -76,6 +76,37 @@ def test_fp_gives_the_stock_hf_models_loglikelihoods_and_generations(model_files
         assert responses(ours, "floatsim_generate") == responses(stock, "floatsim_generate"), folder.name
 
 
+def test_a_falcon_mamba_checkpoint_in_every_mode(task_manager, tmp_path, monkeypatch):
+    """FalconMamba as transformers writes it: fp gives lm-eval's own hf model's loglikelihoods and
+    generations; int8, same and better write dumps of every layer that `check` passes."""
+    import lm_eval
+    from transformers import FalconMambaConfig
+
+    from helpers_models import PADDED_VOCAB, random_hf_model, save_tokenizer, save_transformers_layout
+    from lm_eval_floatsim import checks
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = FalconMambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=PADDED_VOCAB, state_size=8, initializer_range=0.02)
+    folder = save_transformers_layout(random_hf_model(config), tmp_path / "falcon")
+    save_tokenizer(folder)
+    tasks = ("floatsim_lambada", "floatsim_generate")
+    stock = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(folder), "dtype": "float32"}, device="cpu", batch_size=1,
+        tasks=list(tasks), task_manager=task_manager, limit=LIMIT, log_samples=True, bootstrap_iters=0,
+    )
+    ours = evaluate(floatsim(folder, tmp_path / "fp", mode="fp", batch_size=4), task_manager, tasks=tasks)
+    # As for Mamba-1 above: two implementations of the same fp32 model, ~1e-6 relative.
+    assert [r[0] for r in responses(ours, "floatsim_lambada")] == pytest.approx([r[0] for r in responses(stock, "floatsim_lambada")], abs=1e-4)
+    assert responses(ours, "floatsim_generate") == responses(stock, "floatsim_generate")
+    calibration = {"calib_data": str(DOCS), "calib_samples": 6, "calib_seqlen": 64}
+    for mode in ("int8", "same", "better"):
+        evaluate(floatsim(folder, tmp_path / "dumps", mode=mode, batch_size=4, **calibration), task_manager, tasks=("floatsim_lambada",))
+    files = checks.load_dumps(tmp_path / "dumps")
+    assert sorted(file.mode for file in files) == ["better", "int8", "same"] and all(len(file.layers) == 2 for file in files)
+    results = checks.check_dumps(files)
+    assert all(result.ok for result in results), [result.line() for result in results if not result.ok]
+
+
 # --- what the statistics cover ------------------------------------------------------------------
 
 

@@ -327,13 +327,19 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA
 
 
 @cuda_only
-@pytest.mark.parametrize("mode, layers", [("fp", None), ("same", None), ("same", (1,))])
-def test_cuda_forward_matches_the_cpu_forward(model, mode, layers):
+@pytest.mark.parametrize("mode, layers, mixer", [("fp", None, "Mamba1"), ("same", None, "Mamba1"), ("same", (1,), "Mamba1"),
+                                                  ("int8", None, "FalconMamba")])
+def test_cuda_forward_matches_the_cpu_forward(model, mode, layers, mixer):
     # Same fp32 arithmetic on other kernels (cuBLAS, the fused scan and RMSNorm, exp2-based exp):
     # a few ulps per op as on CPU, so the same bound applies. TF32 stays off (PyTorch's default for
     # float32 matrix products), else the products alone would differ by ~1e-3.
     import copy
+    import dataclasses
 
+    if mixer != model.config.mixer:
+        other = MambaLM(dataclasses.replace(model.config, mixer=mixer))
+        other.load_state_dict(model.state_dict())
+        model = other.eval()
     ids, mask = left_padded([random_ids(1, 20)[0], random_ids(1, 13)[0]])
     scales = None if mode == "fp" else layer_scales(model)
     gpu = copy.deepcopy(model).cuda().quantize(QuantSpec(mode, layers=layers), scales)
