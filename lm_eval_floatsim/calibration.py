@@ -295,14 +295,13 @@ def _run_samples(model, tokenizer, texts, seqlen, stats: _ActivationStats, progr
 
 
 def _install_hooks(model, stats: _ActivationStats) -> list:
-    """x (the conv input) is the first half of in_proj's output; the mixer takes it from there."""
+    """The conv input is a slice of in_proj's output (`mixer.conv_input`); the mixer takes it from there."""
     hooks = []
-    d_inner = model.config.d_inner
     for layer in model.backbone.layers:
         mixer = layer.mixer
 
-        def capture_input(module, inputs, output, layer_idx=mixer.layer_idx):
-            stats.observe_input(layer_idx, output[..., :d_inner])
+        def capture_input(module, inputs, output, layer_idx=mixer.layer_idx, mixer=mixer):
+            stats.observe_input(layer_idx, mixer.conv_input(output))
 
         hooks.append(mixer.in_proj.register_forward_hook(capture_input))
 
@@ -488,7 +487,8 @@ def scales_settings(settings: CalibrationSettings, model, tokenizer) -> dict:
         "tokenizer": getattr(tokenizer, "name_or_path", None) or None,
         "weights_sha256": weights_sha256(model),
         # The same weights under another mixer (a FalconMamba config) compute other activations.
-        **({} if model.config.mixer == "Mamba1" else {"mixer": model.config.mixer, "mixer_rms_eps": model.config.mixer_rms_eps}),
+        **({} if model.config.mixer == "Mamba1" else {"mixer": model.config.mixer}),
+        **({"mixer_rms_eps": model.config.mixer_rms_eps} if model.config.mixer == "FalconMamba" else {}),
     }
 
 

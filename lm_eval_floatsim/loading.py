@@ -10,13 +10,15 @@
 
 Weights come from model.safetensors, pytorch_model.bin, or their sharded forms (*.index.json).
 Every problem with a checkpoint is an InputError naming the file and the problem, in one line.
-Checkpoints of other models, the rest of the Mamba family included (Mamba-2, hybrids such as Jamba
-or Zamba), are refused by their model type: loaded as Mamba-1 they would run, wrongly.
+Mamba-2 loads from both layouts (mamba_ssm's ssm_cfg.layer "Mamba2", transformers' model_type
+"mamba2"). Checkpoints of other models, hybrids such as Jamba or Zamba included, are refused by
+their model type: loaded as Mamba-1 they would run, wrongly.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Optional, Union
@@ -42,7 +44,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 # Tensors that mamba_ssm keeps in fp32 whatever the model dtype: the SSM's decay and skip terms.
-FP32_PARAMETERS = re.compile(r"\.mixer\.(A_log|D)$")
+FP32_PARAMETERS = re.compile(r"\.mixer\.(A_log|D|dt_bias)$")
 MAMBA2_KEYS = re.compile(r"\.mixer\.(norm\.weight|dt_bias)$")
 
 
@@ -188,7 +190,6 @@ def read_config(folder: Path) -> tuple[MambaConfig, str]:
 
 # Model types that share Mamba's names or config keys and would otherwise load as Mamba-1.
 OTHER_FAMILY_MODELS = {
-    "mamba2": "Mamba-2: a multi-head SSD scan over a conv of x, B and C",
     "jamba": "Jamba: a hybrid of Mamba and attention layers",
     "zamba": "Zamba: a hybrid of Mamba and shared attention layers",
     "zamba2": "Zamba2: a hybrid of Mamba-2 and shared attention layers",
@@ -197,9 +198,11 @@ OTHER_FAMILY_MODELS = {
     "nemotron_h": "Nemotron-H: a hybrid of Mamba-2 and attention layers",
     "granitemoehybrid": "Granite 4.0: a hybrid of Mamba-2 and attention layers",
 }
-SUPPORTED = "mamba and falcon_mamba (transformers' MambaForCausalLM, FalconMambaForCausalLM) or mamba_ssm's Mamba-1 layout"
+SUPPORTED = ("mamba, falcon_mamba and mamba2 (transformers' MambaForCausalLM, FalconMambaForCausalLM, Mamba2ForCausalLM) "
+             "or mamba_ssm's layout with a Mamba1 or Mamba2 layer")
 # transformers' model types this package loads, and the mixer each has (mamba.MIXERS).
-TRANSFORMERS_MIXERS = {"mamba": "Mamba1", "falcon_mamba": "FalconMamba"}
+TRANSFORMERS_MIXERS = {"mamba": "Mamba1", "falcon_mamba": "FalconMamba", "mamba2": "Mamba2"}
+MAMBA_SSM_MIXERS = ("Mamba1", "Mamba2")
 
 
 def _refuse_other_models(raw: dict, ssm_cfg, path: Path) -> None:
@@ -211,10 +214,8 @@ def _refuse_other_models(raw: dict, ssm_cfg, path: Path) -> None:
     if model_type is not None and model_type not in TRANSFORMERS_MIXERS:
         raise InputError(f"{path}: not a Mamba checkpoint (model_type {model_type!r}); supported: {SUPPORTED}")
     layer = ssm_cfg.get("layer", "Mamba1") if isinstance(ssm_cfg, dict) else "Mamba1"
-    if layer == "Mamba2":
-        raise InputError(f"{path}: ssm_cfg.layer 'Mamba2' is not supported yet ({OTHER_FAMILY_MODELS['mamba2']}); supported: {SUPPORTED}")
-    if layer != "Mamba1":
-        raise InputError(f"{path}: ssm_cfg.layer {layer!r} is not a Mamba-1 mixer; supported: {SUPPORTED}")
+    if layer not in MAMBA_SSM_MIXERS:
+        raise InputError(f"{path}: ssm_cfg.layer {layer!r} is not supported; supported: {SUPPORTED}")
 
 
 def _mamba_ssm_config(raw: dict, ssm_cfg, path: Path) -> MambaConfig:
@@ -225,11 +226,14 @@ def _mamba_ssm_config(raw: dict, ssm_cfg, path: Path) -> MambaConfig:
     if raw.get("d_intermediate"):
         raise InputError(f"{path}: checkpoints with MLP layers (d_intermediate > 0) are not supported")
     _require_rms_norm(raw.get("rms_norm", True), path)
-    return MambaConfig(
+    mamba2 = ssm_cfg.get("layer", "Mamba1") == "Mamba2"
+    if mamba2:
+        _require_supported_mamba2(ssm_cfg, path)
+    return _checked_mamba2(MambaConfig(
         d_model=int(raw["d_model"]),
         n_layer=int(raw["n_layer"]),
         vocab_size=int(raw["vocab_size"]),
-        d_state=int(ssm_cfg.get("d_state", 16)),
+        d_state=int(ssm_cfg.get("d_state", 128 if mamba2 else 16)),
         d_conv=int(ssm_cfg.get("d_conv", 4)),
         expand=int(ssm_cfg.get("expand", 2)),
         dt_rank=_dt_rank(ssm_cfg.get("dt_rank", "auto")),
@@ -239,13 +243,23 @@ def _mamba_ssm_config(raw: dict, ssm_cfg, path: Path) -> MambaConfig:
         bias=bool(ssm_cfg.get("bias", False)),
         pad_vocab_size_multiple=int(raw.get("pad_vocab_size_multiple", 8)),
         tie_embeddings=bool(raw.get("tie_embeddings", True)),
-    )
+        mixer="Mamba2" if mamba2 else "Mamba1",
+        # mamba_ssm's Mamba2 block: d_state 128 by default, its gated RMSNorm's eps is fixed at 1e-5.
+        **({"headdim": int(ssm_cfg.get("headdim", 64)),
+            "ngroups": int(ssm_cfg.get("ngroups", 1)), "mixer_rms_eps": 1e-5,
+            "dt_limit": _dt_limit(ssm_cfg.get("dt_limit", (0.0, math.inf)))} if mamba2 else {}),
+    ), path)
 
 
 def _transformers_config(raw: dict, path: Path) -> MambaConfig:
     _require_rms_norm(raw.get("rms_norm", True), path)
+    mixer = TRANSFORMERS_MIXERS[raw.get("model_type") or "mamba"]
+    mamba2 = {}
+    if mixer == "Mamba2":
+        mamba2 = {"headdim": int(raw.get("head_dim", 64)), "ngroups": int(raw.get("n_groups", 1)),
+                  "dt_limit": _dt_limit(raw.get("time_step_limit", (0.0, math.inf)))}
     # transformers sizes the embedding with vocab_size as given: no padding.
-    return MambaConfig(
+    return _checked_mamba2(MambaConfig(
         d_model=int(raw["hidden_size"]),
         n_layer=int(raw["num_hidden_layers"]),
         vocab_size=int(raw["vocab_size"]),
@@ -259,9 +273,34 @@ def _transformers_config(raw: dict, path: Path) -> MambaConfig:
         bias=bool(raw.get("use_bias", False)),
         pad_vocab_size_multiple=1,
         tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        mixer=TRANSFORMERS_MIXERS[raw.get("model_type") or "mamba"],
-        mixer_rms_eps=float(raw.get("mixer_rms_eps", MambaConfig.mixer_rms_eps)),
-    )
+        mixer=mixer,
+        # FalconMamba's dt/B/C norms take mixer_rms_eps, Mamba-2's gated norm layer_norm_epsilon.
+        mixer_rms_eps=float(raw.get("layer_norm_epsilon", 1e-5) if mixer == "Mamba2" else raw.get("mixer_rms_eps", MambaConfig.mixer_rms_eps)),
+        **mamba2,
+    ), path)
+
+
+def _require_supported_mamba2(ssm_cfg: dict, path: Path) -> None:
+    """mamba_ssm's Mamba2 options this package computes: the gate after the norm, all of the
+    inner width in the scan (no d_ssm split), a gated RMSNorm."""
+    if ssm_cfg.get("norm_before_gate", False):
+        raise InputError(f"{path}: ssm_cfg.norm_before_gate true is not supported (Mamba-2 checkpoints use false)")
+    if ssm_cfg.get("d_ssm") is not None:
+        raise InputError(f"{path}: ssm_cfg.d_ssm is not supported (the scan must cover all of d_inner)")
+    if not ssm_cfg.get("rmsnorm", True):
+        raise InputError(f"{path}: ssm_cfg.rmsnorm false is not supported (Mamba-2 checkpoints use its gated RMSNorm)")
+
+
+def _checked_mamba2(config: MambaConfig, path: Path) -> MambaConfig:
+    if config.mixer == "Mamba2" and (config.d_inner % config.headdim or (config.d_inner // config.headdim) % config.ngroups):
+        raise InputError(f"{path}: Mamba-2 heads do not fit: d_inner {config.d_inner}, headdim {config.headdim}, ngroups {config.ngroups}")
+    return config
+
+
+def _dt_limit(value) -> tuple[float, float]:
+    # transformers 5 writes infinity as {"__float__": "Infinity"}.
+    low, high = (float(bound["__float__"] if isinstance(bound, dict) else bound) for bound in value)
+    return low, high
 
 
 def _dt_rank(value) -> Union[int, str]:
@@ -326,8 +365,8 @@ def to_mamba_ssm_names(
 ) -> dict[str, torch.Tensor]:
     """The weights under MambaLM's (mamba_ssm's) names; a tied lm_head is dropped (MambaLM ties it)."""
     mamba2 = next((key for key in weights if MAMBA2_KEYS.search(key)), None)
-    if mamba2 is not None:
-        raise InputError(f"{source}: Mamba-2 checkpoints are not supported yet (found {mamba2})")
+    if mamba2 is not None and config.mixer != "Mamba2":
+        raise InputError(f"{source}: holds Mamba-2 weights ({mamba2}) but its config.json describes {config.mixer}")
     renamed = dict(weights)
     if layout == "transformers" and "backbone.embeddings.weight" in renamed:
         renamed["backbone.embedding.weight"] = renamed.pop("backbone.embeddings.weight")

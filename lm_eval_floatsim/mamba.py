@@ -1,7 +1,8 @@
 """A Mamba (v1) language model whose Conv1D+SiLU step runs through a quantization site (`sites`).
 
-`MIXERS` maps a mixer type to its class (as mamba_ssm's layer map): `Mamba1`, and `FalconMamba`
-(Mamba-1 whose selective-scan inputs dt, B and C are RMS-normalised, without weights).
+`MIXERS` maps a mixer type to its class (as mamba_ssm's layer map): `Mamba1`, `FalconMamba`
+(Mamba-1 whose selective-scan inputs dt, B and C are RMS-normalised, without weights) and `Mamba2`
+(`mamba2.py`).
 
 Parameter names follow mamba_ssm's MambaLMHeadModel (`backbone.layers.N.mixer.conv1d.weight`, ...)
 so that original checkpoints load as they are. Activations are channels-last (batch, length,
@@ -24,7 +25,8 @@ from .kernels import fused_rms_norm
 from .modes import QuantSpec, format_layers
 from .quant import LayerScales
 from .selective_scan import selective_scan
-from .sites import ConvSiLU
+from .mamba2 import Mamba2Mixer
+from .sites import ConvSiLU, last_conv_inputs
 
 
 @dataclass
@@ -44,11 +46,19 @@ class MambaConfig:
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
     mixer: str = "Mamba1"
-    mixer_rms_eps: float = 1e-6  # FalconMamba's normalisation of dt, B and C
+    mixer_rms_eps: float = 1e-6  # eps of the mixer's own RMS norms: FalconMamba's of dt, B, C; Mamba-2's gated one
+    headdim: int = 64  # Mamba-2: channels per head, groups sharing B and C, the range dt is clamped to
+    ngroups: int = 1
+    dt_limit: tuple[float, float] = (0.0, math.inf)
 
     @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the Conv1D: x for Mamba-1, xBC for Mamba-2."""
+        return self.d_inner + (2 * self.ngroups * self.d_state if self.mixer == "Mamba2" else 0)
 
     @property
     def dt_rank_value(self) -> int:
@@ -111,7 +121,7 @@ class Mixer(nn.Module):
         bias = self.conv1d.bias if self.conv1d.bias is not None else weight.new_zeros(weight.shape[0])
         u = self.conv_silu(x, weight, bias, observer, left_context, mask)  # padding: u = 0
         if state is not None:
-            state.conv[self.layer_idx] = _last_conv_inputs(left_context, x, mask)
+            state.conv[self.layer_idx] = last_conv_inputs(left_context, x, mask)
 
         dt, B, C = self.scan_inputs(u)
         delta = F.linear(dt, self.dt_proj.weight)
@@ -125,6 +135,10 @@ class Mixer(nn.Module):
         else:
             y = scanned
         return self.out_proj(y)
+
+    def conv_input(self, projected: torch.Tensor) -> torch.Tensor:
+        """The Conv1D's input (x) within in_proj's output."""
+        return projected[..., : self.conv1d.in_channels]
 
     def scan_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dt (before dt_proj), B and C: x_proj of the Conv1D+SiLU output, split."""
@@ -148,18 +162,7 @@ def _weightless_rms_norm(t: torch.Tensor, eps: float) -> torch.Tensor:
     return (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)
 
 
-MIXERS = {"Mamba1": Mixer, "FalconMamba": FalconMambaMixer}
-
-
-def _last_conv_inputs(left_context: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The last K-1 conv inputs, padding as zeros (as the conv saw them), for the next step."""
-    keep = left_context.shape[1]
-    if mask is not None:
-        tail = min(keep, x.shape[1])
-        x = x[:, -tail:].masked_fill((mask[:, -tail:] == 0).unsqueeze(-1), 0)
-    if x.shape[1] >= keep:
-        return x[:, -keep:].clone()
-    return torch.cat([left_context, x], dim=1)[:, -keep:]
+MIXERS = {"Mamba1": Mixer, "FalconMamba": FalconMambaMixer, "Mamba2": Mamba2Mixer}
 
 
 class Block(nn.Module):
@@ -217,8 +220,8 @@ class MambaLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def allocate_state(self, batch: int) -> DecodingState:
-        taps, d_inner = self.config.d_conv, self.config.d_inner
-        conv = [torch.zeros(batch, taps - 1, d_inner, device=self.device, dtype=self.dtype) for _ in self.backbone.layers]
+        taps, channels = self.config.d_conv, self.config.conv_dim
+        conv = [torch.zeros(batch, taps - 1, channels, device=self.device, dtype=self.dtype) for _ in self.backbone.layers]
         return DecodingState(conv=conv, ssm=[None] * self.config.n_layer)
 
     def forward(

@@ -45,3 +45,14 @@ class ConvSiLU(nn.Module):
 
 
 SITES = {"conv_silu": ConvSiLU}
+
+
+def last_conv_inputs(left_context: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The last K-1 conv inputs, padding as zeros (as the conv saw them), for the next step."""
+    keep = left_context.shape[1]
+    if mask is not None:
+        tail = min(keep, x.shape[1])
+        x = x[:, -tail:].masked_fill((mask[:, -tail:] == 0).unsqueeze(-1), 0)
+    if x.shape[1] >= keep:
+        return x[:, -keep:].clone()
+    return torch.cat([left_context, x], dim=1)[:, -keep:]

@@ -60,16 +60,17 @@ def hf_config(
 
 @torch.no_grad()
 def random_hf_model(config, seed: int = 0):
-    """MambaForCausalLM or FalconMambaForCausalLM (by the config's model_type; fp32, eval) with
-    random weights, every parameter kind moved off its default.
+    """MambaForCausalLM, FalconMambaForCausalLM or Mamba2ForCausalLM (by the config's model_type;
+    fp32, eval) with random weights, every parameter kind moved off its default.
 
     transformers initializes A_log, D, the norms and the conv bias to structured constants; a loader
     that dropped or swapped one of them would go unnoticed, so each gets random values here.
     """
-    from transformers import FalconMambaForCausalLM, MambaForCausalLM
+    from transformers import FalconMambaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
 
     torch.manual_seed(seed)
-    model = {"mamba": MambaForCausalLM, "falcon_mamba": FalconMambaForCausalLM}[config.model_type](config).eval()
+    classes = {"mamba": MambaForCausalLM, "falcon_mamba": FalconMambaForCausalLM, "mamba2": Mamba2ForCausalLM}
+    model = classes[config.model_type](config).eval()
     for layer in model.backbone.layers:
         mixer = layer.mixer
         mixer.A_log.add_(0.3 * torch.randn_like(mixer.A_log))
@@ -77,6 +78,9 @@ def random_hf_model(config, seed: int = 0):
         if mixer.conv1d.bias is not None:
             mixer.conv1d.bias.copy_(0.1 * torch.randn_like(mixer.conv1d.bias))
         layer.norm.weight.copy_(1 + 0.1 * torch.randn_like(layer.norm.weight))
+        if config.model_type == "mamba2":  # the gated RMSNorm and dt's bias
+            mixer.norm.weight.copy_(1 + 0.1 * torch.randn_like(mixer.norm.weight))
+            mixer.dt_bias.copy_(torch.randn_like(mixer.dt_bias) - 3)
     model.backbone.norm_f.weight.copy_(1 + 0.1 * torch.randn_like(model.backbone.norm_f.weight))
     return model
 
@@ -110,7 +114,9 @@ def save_mamba_ssm_layout(
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     ssm_cfg = {"d_state": config.state_size, "d_conv": config.conv_kernel, "expand": config.expand}
-    if int(config.time_step_rank) != -(-config.hidden_size // 16):
+    if config.model_type == "mamba2":  # mamba_ssm's Mamba2 layer (gated-norm eps 1e-5, as transformers' default)
+        ssm_cfg.update(layer="Mamba2", headdim=config.head_dim, ngroups=config.n_groups)
+    elif int(config.time_step_rank) != -(-config.hidden_size // 16):
         ssm_cfg["dt_rank"] = int(config.time_step_rank)
     if not config.use_conv_bias:
         ssm_cfg["conv_bias"] = False

@@ -76,17 +76,21 @@ def test_fp_gives_the_stock_hf_models_loglikelihoods_and_generations(model_files
         assert responses(ours, "floatsim_generate") == responses(stock, "floatsim_generate"), folder.name
 
 
-def test_a_falcon_mamba_checkpoint_in_every_mode(task_manager, tmp_path, monkeypatch):
-    """FalconMamba as transformers writes it: fp gives lm-eval's own hf model's loglikelihoods and
-    generations; int8, same and better write dumps of every layer that `check` passes."""
+@pytest.mark.parametrize("family", ["FalconMamba", "Mamba2"])
+def test_a_checkpoint_of_the_mamba_family_in_every_mode(task_manager, tmp_path, monkeypatch, family):
+    """FalconMamba and Mamba-2 as transformers writes them: fp gives lm-eval's own hf model's
+    loglikelihoods and generations; int8, same and better write dumps of every layer that `check` passes."""
     import lm_eval
-    from transformers import FalconMambaConfig
+    import transformers
 
     from helpers_models import PADDED_VOCAB, random_hf_model, save_tokenizer, save_transformers_layout
     from lm_eval_floatsim import checks
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    config = FalconMambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=PADDED_VOCAB, state_size=8, initializer_range=0.02)
+    options = dict(hidden_size=32, num_hidden_layers=2, vocab_size=PADDED_VOCAB, state_size=8, initializer_range=0.02)
+    if family == "Mamba2":
+        options.update(head_dim=16, num_heads=4, n_groups=2)
+    config = getattr(transformers, f"{family}Config")(**options)
     folder = save_transformers_layout(random_hf_model(config), tmp_path / "falcon")
     save_tokenizer(folder)
     tasks = ("floatsim_lambada", "floatsim_generate")

@@ -178,17 +178,38 @@ def write_config(folder, config: dict) -> None:
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
+def mamba2_config(**overrides):
+    from transformers import Mamba2Config
+
+    options = dict(hidden_size=32, num_hidden_layers=3, vocab_size=PADDED_VOCAB, state_size=8, head_dim=16, num_heads=4,
+                   n_groups=2, expand=2, initializer_range=0.02, chunk_size=8, tie_word_embeddings=True)
+    return Mamba2Config(**{**options, **overrides})
+
+
+@pytest.mark.parametrize("layout, weights", [("transformers", "safetensors"), ("transformers", "sharded"), ("mamba_ssm", "safetensors")])
+def test_a_mamba2_checkpoint_matches_transformers(tmp_path, layout, weights):
+    """Mamba-2 (heads sharing their group's B and C, the gated RMSNorm per group) in both layouts:
+    transformers' Mamba2ForCausalLM (its PyTorch path) is the reference."""
+    reference = random_hf_model(mamba2_config())
+    if layout == "transformers":
+        folder = save_transformers_layout(reference, tmp_path / "m2", weights)
+    else:
+        folder = save_mamba_ssm_layout(reference, tmp_path / "m2", weights, vocab_size=TOKENIZER_VOCAB)
+    model = load_pretrained(folder)
+    assert (model.config.mixer, model.config.headdim, model.config.ngroups, model.config.conv_dim) == ("Mamba2", 16, 2, 64 + 2 * 2 * 8)
+    ids = random_ids(TOKENIZER_VOCAB, batch=3, length=17)
+    assert relative_error(our_logits(model, ids)[..., :PADDED_VOCAB], reference_logits(reference, ids)) < PARITY
+
+
 @pytest.mark.parametrize(
-    "config",
-    [
-        {"d_model": 64, "n_layer": 2, "vocab_size": 100, "ssm_cfg": {"layer": "Mamba2"}},
-        {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100},
-    ],
+    "ssm_cfg, problem",
+    [({"layer": "Mamba2", "norm_before_gate": True}, "norm_before_gate"), ({"layer": "Mamba2", "d_ssm": 32}, "d_ssm"),
+     ({"layer": "Mamba2", "headdim": 48}, "heads do not fit"), ({"layer": "Mamba3"}, "'Mamba3' is not supported")],
 )
-def test_mamba2_config_is_refused(tmp_path, config):
-    write_config(tmp_path / "m2", config)
+def test_mamba2_options_this_package_does_not_compute_are_refused(tmp_path, ssm_cfg, problem):
+    write_config(tmp_path / "m2", {"d_model": 64, "n_layer": 2, "vocab_size": 100, "ssm_cfg": ssm_cfg})
     message = one_line_error(InputError, load_pretrained, tmp_path / "m2")
-    assert "Mamba-2" in message and "not supported yet" in message and "config.json" in message
+    assert problem in message and "config.json" in message
 
 
 @pytest.mark.parametrize("weights", ["safetensors", "sharded"])
@@ -213,10 +234,10 @@ def test_a_falcon_mamba_checkpoint_written_by_transformers_matches_transformers(
 
 @pytest.mark.parametrize(
     "config_class",
-    ["Mamba2Config", "JambaConfig", "ZambaConfig", "Zamba2Config", "BambaConfig", "NemotronHConfig", "FalconH1Config",
+    ["JambaConfig", "ZambaConfig", "Zamba2Config", "BambaConfig", "NemotronHConfig", "FalconH1Config",
      "GraniteMoeHybridConfig"],
 )
-def test_mamba2_and_hybrid_configs_written_by_transformers_are_refused_by_model_type(tmp_path, config_class):
+def test_hybrid_configs_written_by_transformers_are_refused_by_model_type(tmp_path, config_class):
     import transformers
 
     config = getattr(transformers, config_class)()
@@ -231,7 +252,7 @@ def test_revision_of_a_local_folder_is_refused(tmp_path):
     assert message.startswith("revision='main' is not allowed: expected no revision")
 
 
-def test_mamba2_weights_are_refused(tmp_path):
+def test_mamba2_weights_under_a_mamba1_config_are_refused(tmp_path):
     folder, _ = make_checkpoint(tmp_path / "ckpt", "mamba_ssm", tokenizer=False)
     from safetensors.torch import load_file, save_file
 
@@ -239,7 +260,7 @@ def test_mamba2_weights_are_refused(tmp_path):
     state["backbone.layers.0.mixer.dt_bias"] = torch.zeros(64)
     save_file(state, str(folder / "model.safetensors"))
     message = one_line_error(InputError, load_pretrained, folder)
-    assert "Mamba-2" in message and "dt_bias" in message and "model.safetensors" in message
+    assert "Mamba-2 weights" in message and "dt_bias" in message and "Mamba1" in message
 
 
 def test_other_architecture_is_refused(tmp_path):

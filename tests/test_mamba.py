@@ -384,3 +384,73 @@ def test_cuda_auto_dtype_is_float16_and_close_to_float32(tmp_path):
     assert torch.isfinite(got).all()
     assert relative_error(got, expected) < 5e-3
     assert gpu.generate(ids.cuda(), max_new_tokens=4).shape == (2, 14)
+
+
+# --- Mamba-2 ------------------------------------------------------------------------------------
+
+
+def mamba2_model(seed: int = 0) -> MambaLM:
+    """A small random Mamba-2 (4 heads of 8 channels in 2 groups), every parameter off its default."""
+    torch.manual_seed(seed)
+    model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=TOKENIZER_VOCAB, d_state=4, mixer="Mamba2", headdim=8, ngroups=2)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("dt_bias", "A_log", "D", "norm.weight", "conv1d.bias")):
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+def test_mamba2_scan_against_a_float64_recurrence():
+    from lm_eval_floatsim.mamba2 import ssd_scan
+
+    gen = torch.Generator().manual_seed(4)
+    batch, length, nheads, headdim, ngroups, d_state = 2, 9, 4, 3, 2, 5
+    x = torch.randn(batch, length, nheads, headdim, generator=gen)
+    dt = torch.rand(batch, length, nheads, generator=gen)
+    A, D = -torch.rand(nheads, generator=gen) * 2, torch.randn(nheads, generator=gen)
+    B, C = (torch.randn(batch, length, ngroups, d_state, generator=gen) for _ in range(2))
+    h0 = torch.randn(batch, nheads, headdim, d_state, generator=gen)
+    y, last = ssd_scan(x, dt, A, B, C, D, h0)
+    # Head i reads group i // (nheads // ngroups), one position at a time, in float64.
+    expected = torch.zeros(batch, length, nheads, headdim, dtype=torch.float64)
+    for b in range(batch):
+        for i in range(nheads):
+            g = i // (nheads // ngroups)
+            h = h0[b, i].double()
+            for t in range(length):
+                h = torch.exp(dt[b, t, i].double() * A[i].double()) * h + dt[b, t, i].double() * torch.outer(x[b, t, i].double(), B[b, t, g].double())
+                expected[b, t, i] = h @ C[b, t, g].double() + D[i].double() * x[b, t, i].double()
+            assert torch.allclose(last[b, i].double(), h, rtol=1e-5, atol=1e-6)
+    # fp32 recurrence over 9 steps of O(1) values: a few ulps per step.
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mamba2_decoding_with_state_and_left_padding_match_the_full_forward():
+    model = mamba2_model()
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        full = model(ids)
+        state = model.allocate_state(2)
+        prefix = model(ids[:, :5], state=state)
+        steps = [model(ids[:, t : t + 1], state=state) for t in range(5, 12)]
+        assert relative_error(torch.cat([prefix, *steps], dim=1), full) < PARITY
+        short = ids[1:, 4:]
+        padded, mask = left_padded([ids[0], short[0]])
+        assert relative_error(model(padded, mask=mask)[1, 4:], model(short)[0]) < PARITY
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", ["fp", "int8", "same"])
+def test_cuda_mamba2_forward_matches_the_cpu_forward(mode):
+    import copy
+
+    model = mamba2_model()
+    scales = None if mode == "fp" else layer_scales(model)
+    ids, mask = left_padded([random_ids(1, 20)[0], random_ids(1, 13)[0]])
+    gpu = copy.deepcopy(model).cuda().quantize(QuantSpec(mode), scales)
+    cpu = copy.deepcopy(model).quantize(QuantSpec(mode), scales)
+    with torch.no_grad():
+        expected = cpu(ids, mask=mask)
+        got = gpu(ids.cuda(), mask=mask.cuda()).cpu()
+    real = mask.bool()
+    assert relative_error(got[real], expected[real]) < PARITY

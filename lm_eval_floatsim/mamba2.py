@@ -1,0 +1,101 @@
+"""The Mamba-2 mixer (mamba_ssm's Mamba2, transformers' Mamba2Mixer), with its Conv1D+SiLU step over
+xBC running through the quantization site of `sites`, as Mamba-1's does.
+
+in_proj -> (z, xBC, dt); Conv1D+SiLU over xBC (conv_dim = d_inner + 2 * ngroups * d_state channels);
+split into x (nheads x headdim), B and C (ngroups x d_state); dt = softplus(dt + dt_bias), clamped to
+dt_limit; the multi-head scan h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t
+(heads share their group's B and C); then y * silu(z), RMS-normalised per group, and out_proj.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modes import QuantSpec
+from .sites import ConvSiLU, last_conv_inputs
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.d_inner, self.d_state, self.ngroups = config.d_inner, config.d_state, config.ngroups
+        self.headdim, self.nheads = config.headdim, config.d_inner // config.headdim
+        self.dt_limit = config.dt_limit
+        conv_dim = config.conv_dim
+        self.in_proj = nn.Linear(config.d_model, self.d_inner + conv_dim + self.nheads, bias=config.bias)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.d_conv, groups=conv_dim, padding=config.d_conv - 1, bias=config.conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(self.nheads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.nheads + 1).float()))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, config.mixer_rms_eps)
+        self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.bias)
+        self.conv_silu = ConvSiLU(QuantSpec("fp"))
+
+    def conv_input(self, projected: torch.Tensor) -> torch.Tensor:
+        """The Conv1D's input (xBC) within in_proj's output."""
+        return projected[..., self.d_inner : self.d_inner + self.conv1d.in_channels]
+
+    def forward(self, hidden, observer, mask, state):
+        z, xBC, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
+        left_context = state.conv[self.layer_idx] if state is not None else None
+        weight = self.conv1d.weight[:, 0, :]
+        bias = self.conv1d.bias if self.conv1d.bias is not None else weight.new_zeros(weight.shape[0])
+        u = self.conv_silu(xBC, weight, bias, observer, left_context, mask)  # padding: u = 0
+        if state is not None:
+            state.conv[self.layer_idx] = last_conv_inputs(left_context, xBC, mask)
+        x, B, C = torch.split(u, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        batch, length = x.shape[:2]
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.dt_limit)
+        h0 = state.ssm[self.layer_idx] if state is not None else None
+        y, last = ssd_scan(
+            x.reshape(batch, length, self.nheads, self.headdim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(batch, length, self.ngroups, self.d_state), C.reshape(batch, length, self.ngroups, self.d_state),
+            self.D.float(), h0,
+        )
+        if state is not None:
+            state.ssm[self.layer_idx] = last
+        y = self.norm(y.reshape(batch, length, self.d_inner), z)
+        return self.out_proj(y.to(hidden.dtype))
+
+
+def ssd_scan(x, dt, A, B, C, D, h0: Optional[torch.Tensor] = None):
+    """The multi-head selective scan, step by step in fp32: x (batch, length, nheads, headdim), dt
+    (batch, length, nheads) after softplus, A and D (nheads,), B and C (batch, length, ngroups,
+    d_state), h0 (batch, nheads, headdim, d_state) or None. Returns y (fp32, x's shape) and the last
+    state."""
+    batch, length, nheads, headdim = x.shape
+    per_group = nheads // B.shape[2]
+    B = B.float().repeat_interleave(per_group, dim=2)
+    C = C.float().repeat_interleave(per_group, dim=2)
+    x = x.float()
+    h = h0.float() if h0 is not None else x.new_zeros(batch, nheads, headdim, B.shape[-1])
+    decay = torch.exp(dt * A)  # (batch, length, nheads)
+    y = torch.empty_like(x)
+    for t in range(length):
+        h = h * decay[:, t, :, None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        y[:, t] = (h * C[:, t, :, None, :]).sum(-1)
+    return y + D[:, None] * x, h
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of y * silu(z) over groups of `group_size` channels, with a weight (norm_before_gate
+    False, as mamba_ssm's and transformers' Mamba-2)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        gated = y.float() * F.silu(z.float())
+        groups = gated.unflatten(-1, (-1, self.group_size))
+        normed = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return self.weight * normed.to(self.weight.dtype)
