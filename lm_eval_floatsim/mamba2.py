@@ -9,6 +9,7 @@ dt_limit; the multi-head scan h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -66,11 +67,34 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(hidden.dtype))
 
 
+# mamba_ssm's chunked SSD kernels (Triton) work on chunks of this many positions, its default.
+CHUNK_SIZE = 256
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_ssm_chunk_scan():
+    """mamba_ssm's mamba_chunk_scan_combined, or None where mamba_ssm is not installed."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # ImportError, or its CUDA extension failing to load without CUDA
+        return None
+    return mamba_chunk_scan_combined
+
+
 def ssd_scan(x, dt, A, B, C, D, h0: Optional[torch.Tensor] = None):
-    """The multi-head selective scan, step by step in fp32: x (batch, length, nheads, headdim), dt
-    (batch, length, nheads) after softplus, A and D (nheads,), B and C (batch, length, ngroups,
-    d_state), h0 (batch, nheads, headdim, d_state) or None. Returns y (fp32, x's shape) and the last
-    state."""
+    """The multi-head selective scan: x (batch, length, nheads, headdim), dt (batch, length, nheads)
+    after softplus, A and D (nheads,), B and C (batch, length, ngroups, d_state), h0 (batch, nheads,
+    headdim, d_state) or None. Returns y (fp32, x's shape) and the last state. On CUDA, prompts go
+    through mamba_ssm's chunked kernels when it is installed; everything else is the step-by-step
+    recurrence in fp32, the reference."""
+    chunked = mamba_ssm_chunk_scan() if x.is_cuda and x.shape[1] > 1 else None
+    if chunked is not None:
+        y, last = chunked(x.float(), dt, A, B.float(), C.float(), CHUNK_SIZE, D=D, initial_states=h0, return_final_states=True)
+        return y.float(), last
+    return _recurrence(x, dt, A, B, C, D, h0)
+
+
+def _recurrence(x, dt, A, B, C, D, h0):
     batch, length, nheads, headdim = x.shape
     per_group = nheads // B.shape[2]
     B = B.float().repeat_interleave(per_group, dim=2)

@@ -454,3 +454,16 @@ def test_cuda_mamba2_forward_matches_the_cpu_forward(mode):
         got = gpu(ids.cuda(), mask=mask.cuda()).cpu()
     real = mask.bool()
     assert relative_error(got[real], expected[real]) < PARITY
+
+
+@cuda_only
+def test_cuda_mamba2_decoding_with_state_matches_the_full_forward():
+    """Prompts take mamba_ssm's chunked scan when it is installed, single steps the recurrence."""
+    model = mamba2_model().cuda()
+    ids = random_ids(2, 12).cuda()
+    with torch.no_grad():
+        full = model(ids)
+        state = model.allocate_state(2)
+        prefix = model(ids[:, :5], state=state)
+        steps = [model(ids[:, t : t + 1], state=state) for t in range(5, 12)]
+    assert relative_error(torch.cat([prefix, *steps], dim=1), full) < PARITY
