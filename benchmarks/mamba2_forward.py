@@ -40,7 +40,7 @@ def transformers_model():
 
 
 def ours_from(reference) -> MambaLM:
-    config = MambaConfig(**SHAPE, mixer="Mamba2", pad_vocab_size_multiple=1)
+    config = MambaConfig(**SHAPE, mixer="Mamba2", mixer_rms_eps=1e-5, pad_vocab_size_multiple=1)  # transformers: layer_norm_epsilon
     model = MambaLM(config).eval()
     missing, unexpected = model.load_state_dict(to_mamba_ssm_names(dict(reference.state_dict()), "transformers", config, "benchmark"), strict=False)
     assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)  # lm_head: tied to the embedding
