@@ -661,15 +661,18 @@ def test_gpu_rms_norm_matches_float64(dtype):
 
 @cuda_only
 @pytest.mark.parametrize("length", [32, 33])
-def test_gpu_graphed_forward_replays_the_eager_forward_with_statistics(length):
+@pytest.mark.parametrize("mixer", ["Mamba1", "Mamba2"])
+def test_gpu_graphed_forward_replays_the_eager_forward_with_statistics(length, mixer):
     """32 is a bucket length: the replay computes what the eager forward does, bit for bit. 33 is
     padded to 40: cuBLAS may sum the larger matmuls in another order, so logits agree to fp32's
-    rounding (1e-5 of logits of order 1) and the statistics count the same positions."""
+    rounding (1e-5 of logits of order 1) and the statistics count the same positions. Mamba-2's
+    scan (mamba_ssm's kernels, where installed) is captured too."""
     from lm_eval_floatsim.kernels.fast_path import GraphedForward
     from lm_eval_floatsim.mamba import MambaConfig, MambaLM
 
     torch.manual_seed(0)
-    model = MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=100)).cuda().eval()
+    shape = {"mixer": "Mamba2", "headdim": 32, "d_state": 16} if mixer == "Mamba2" else {}
+    model = MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=100, **shape)).cuda().eval()
     model.quantize(QuantSpec("int8"), [LayerScales(0.05, 0.02, 0.01, 0.01)] * 2)
     ids = torch.randint(0, 100, (4, length), device="cuda")
     mask = torch.ones_like(ids)
