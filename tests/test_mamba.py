@@ -80,14 +80,21 @@ def test_selective_scan_matches_the_float64_recurrence(batch, length, with_state
 # --- incremental decoding --------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def decoded(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """The logits of `ids` from a forward over the first `prompt` positions that leaves its state
+    behind, then one step per further position, carrying the state."""
+    state = model.allocate_state(ids.shape[0])
+    prefix = [model(ids[:, :prompt], state=state)] if prompt else []
+    steps = [model(ids[:, t : t + 1], state=state) for t in range(prompt, ids.shape[1])]
+    return torch.cat(prefix + steps, dim=1)
+
+
 def test_step_by_step_forward_with_state_equals_the_full_forward(model):
     ids = random_ids(2, 12)
     with torch.no_grad():
         full = model(ids)
-        state = model.allocate_state(2)
-        prefix = model(ids[:, :5], state=state)
-        steps = [model(ids[:, t : t + 1], state=state) for t in range(5, 12)]
-    assert relative_error(torch.cat([prefix, *steps], dim=1), full) < PARITY
+    assert relative_error(decoded(model, ids, 5), full) < PARITY
 
 
 def test_step_returns_the_next_token_logits(model):
@@ -326,6 +333,22 @@ def test_untied_embeddings_keep_their_own_lm_head():
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def assert_cuda_forward_matches_the_cpu(model, spec: QuantSpec) -> None:
+    """A left-padded batch through copies of `model` in `spec` on CUDA and on the CPU: the real
+    positions' logits agree to PARITY."""
+    import copy
+
+    ids, mask = left_padded([random_ids(1, 20)[0], random_ids(1, 13)[0]])
+    scales = layer_scales(model) if spec.quantized else None
+    gpu = copy.deepcopy(model).cuda().quantize(spec, scales)
+    cpu = copy.deepcopy(model).quantize(spec, scales)
+    with torch.no_grad():
+        expected = cpu(ids, mask=mask)
+        got = gpu(ids.cuda(), mask=mask.cuda()).cpu()
+    real = mask.bool()
+    assert relative_error(got[real], expected[real]) < PARITY
+
+
 @cuda_only
 @pytest.mark.parametrize("mode, layers, mixer", [("fp", None, "Mamba1"), ("same", None, "Mamba1"), ("same", (1,), "Mamba1"),
                                                   ("int8", None, "FalconMamba")])
@@ -333,22 +356,13 @@ def test_cuda_forward_matches_the_cpu_forward(model, mode, layers, mixer):
     # Same fp32 arithmetic on other kernels (cuBLAS, the fused scan and RMSNorm, exp2-based exp):
     # a few ulps per op as on CPU, so the same bound applies. TF32 stays off (PyTorch's default for
     # float32 matrix products), else the products alone would differ by ~1e-3.
-    import copy
     import dataclasses
 
     if mixer != model.config.mixer:
         other = MambaLM(dataclasses.replace(model.config, mixer=mixer))
         other.load_state_dict(model.state_dict())
         model = other.eval()
-    ids, mask = left_padded([random_ids(1, 20)[0], random_ids(1, 13)[0]])
-    scales = None if mode == "fp" else layer_scales(model)
-    gpu = copy.deepcopy(model).cuda().quantize(QuantSpec(mode, layers=layers), scales)
-    cpu = copy.deepcopy(model).quantize(QuantSpec(mode, layers=layers), scales)
-    with torch.no_grad():
-        expected = cpu(ids, mask=mask)
-        got = gpu(ids.cuda(), mask=mask.cuda()).cpu()
-    real = mask.bool()
-    assert relative_error(got[real], expected[real]) < PARITY
+    assert_cuda_forward_matches_the_cpu(model, QuantSpec(mode, layers=layers))
 
 
 @cuda_only
@@ -359,10 +373,7 @@ def test_cuda_decoding_with_state_matches_the_full_forward(model):
     ids = random_ids(2, 12).cuda()
     with torch.no_grad():
         full = gpu(ids)
-        state = gpu.allocate_state(2)
-        prefix = gpu(ids[:, :5], state=state)
-        steps = [gpu(ids[:, t : t + 1], state=state) for t in range(5, 12)]
-    assert relative_error(torch.cat([prefix, *steps], dim=1), full) < PARITY
+    assert relative_error(decoded(gpu, ids, 5), full) < PARITY
     generated = gpu.generate(ids[:, :7], max_new_tokens=6).cpu()
     assert torch.equal(generated, model.generate(ids[:, :7].cpu(), max_new_tokens=6))
     # A row held at EOS is padding for the later steps (the masked decoding step on the GPU path).
@@ -430,10 +441,7 @@ def test_mamba2_decoding_with_state_and_left_padding_match_the_full_forward():
     ids = random_ids(2, 12)
     with torch.no_grad():
         full = model(ids)
-        state = model.allocate_state(2)
-        prefix = model(ids[:, :5], state=state)
-        steps = [model(ids[:, t : t + 1], state=state) for t in range(5, 12)]
-        assert relative_error(torch.cat([prefix, *steps], dim=1), full) < PARITY
+        assert relative_error(decoded(model, ids, 5), full) < PARITY
         short = ids[1:, 4:]
         padded, mask = left_padded([ids[0], short[0]])
         assert relative_error(model(padded, mask=mask)[1, 4:], model(short)[0]) < PARITY
@@ -450,18 +458,7 @@ def recurrence_on_cuda(monkeypatch):
 @cuda_only
 @pytest.mark.parametrize("mode", ["fp", "int8", "same"])
 def test_cuda_mamba2_forward_matches_the_cpu_forward(mode, recurrence_on_cuda):
-    import copy
-
-    model = mamba2_model()
-    scales = None if mode == "fp" else layer_scales(model)
-    ids, mask = left_padded([random_ids(1, 20)[0], random_ids(1, 13)[0]])
-    gpu = copy.deepcopy(model).cuda().quantize(QuantSpec(mode), scales)
-    cpu = copy.deepcopy(model).quantize(QuantSpec(mode), scales)
-    with torch.no_grad():
-        expected = cpu(ids, mask=mask)
-        got = gpu(ids.cuda(), mask=mask.cuda()).cpu()
-    real = mask.bool()
-    assert relative_error(got[real], expected[real]) < PARITY
+    assert_cuda_forward_matches_the_cpu(mamba2_model(), QuantSpec(mode))
 
 
 @cuda_only
@@ -470,10 +467,7 @@ def test_cuda_mamba2_decoding_with_state_matches_the_full_forward(recurrence_on_
     ids = random_ids(2, 12).cuda()
     with torch.no_grad():
         full = model(ids)
-        state = model.allocate_state(2)
-        prefix = model(ids[:, :5], state=state)
-        steps = [model(ids[:, t : t + 1], state=state) for t in range(5, 12)]
-    assert relative_error(torch.cat([prefix, *steps], dim=1), full) < PARITY
+    assert relative_error(decoded(model, ids, 5), full) < PARITY
 
 
 @cuda_only
@@ -489,6 +483,4 @@ def test_cuda_mamba2_with_mamba_ssms_chunked_scan_stays_near_the_recurrence():
     ids = random_ids(2, 40).cuda()
     with torch.no_grad():
         chunked = model(ids)
-        state = model.allocate_state(2)  # one position at a time: the recurrence
-        stepped = torch.cat([model(ids[:, t : t + 1], state=state) for t in range(40)], dim=1)
-    assert relative_error(chunked, stepped) < 1e-3
+    assert relative_error(chunked, decoded(model, ids, 0)) < 1e-3  # one position at a time: the recurrence
