@@ -26,7 +26,7 @@ from .modes import QuantSpec, format_layers
 from .quant import LayerScales
 from .selective_scan import selective_scan
 from .mamba2 import Mamba2Mixer
-from .sites import ConvSiLU, last_conv_inputs
+from .sites import ConvSiLU
 
 
 @dataclass
@@ -116,12 +116,7 @@ class Mixer(nn.Module):
 
     def forward(self, hidden, observer, mask, state):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        left_context = state.conv[self.layer_idx] if state is not None else None
-        weight = self.conv1d.weight[:, 0, :]
-        bias = self.conv1d.bias if self.conv1d.bias is not None else weight.new_zeros(weight.shape[0])
-        u = self.conv_silu(x, weight, bias, observer, left_context, mask)  # padding: u = 0
-        if state is not None:
-            state.conv[self.layer_idx] = last_conv_inputs(left_context, x, mask)
+        u = self.conv_silu(x, self.conv1d, observer, mask, state, self.layer_idx)  # padding: u = 0
 
         dt, B, C = self.scan_inputs(u)
         delta = F.linear(dt, self.dt_proj.weight)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modes import QuantSpec
-from .sites import ConvSiLU, last_conv_inputs
+from .sites import ConvSiLU
 
 
 class Mamba2Mixer(nn.Module):
@@ -44,12 +44,7 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden, observer, mask, state):
         z, xBC, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
-        left_context = state.conv[self.layer_idx] if state is not None else None
-        weight = self.conv1d.weight[:, 0, :]
-        bias = self.conv1d.bias if self.conv1d.bias is not None else weight.new_zeros(weight.shape[0])
-        u = self.conv_silu(xBC, weight, bias, observer, left_context, mask)  # padding: u = 0
-        if state is not None:
-            state.conv[self.layer_idx] = last_conv_inputs(left_context, xBC, mask)
+        u = self.conv_silu(xBC, self.conv1d, observer, mask, state, self.layer_idx)  # padding: u = 0
         x, B, C = torch.split(u, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         batch, length = x.shape[:2]
         dt = F.softplus(dt.float() + self.dt_bias.float())

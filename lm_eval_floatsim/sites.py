@@ -21,7 +21,7 @@ from .quant import LayerScales, Observer, conv_silu
 
 class ConvSiLU(nn.Module):
     """The Conv1D+SiLU step of one block in its spec's mode (`quant.conv_silu`). It holds no
-    parameters: the mixer passes its conv weight and bias, so checkpoints keep their layout."""
+    parameters: the mixer passes its conv, so checkpoints keep their layout."""
 
     scale_keys = ("input_scale", "output_scale", "weight_scale", "bias_scale")
 
@@ -32,13 +32,22 @@ class ConvSiLU(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
+        conv1d: nn.Conv1d,
         observer: Optional[Observer] = None,
-        left_context: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        state=None,
+        layer_idx: int = 0,
     ) -> torch.Tensor:
-        return conv_silu(x, weight, bias, self.spec, self.scales, observer, left_context, mask)
+        """SiLU(conv1d(x)) of channels-last x; padding (mask 0) counts as zeros in and out. With a
+        decoding state, x continues the sequences whose last conv inputs `state.conv[layer_idx]`
+        holds, and leaves x's last inputs there."""
+        left_context = state.conv[layer_idx] if state is not None else None
+        weight = conv1d.weight[:, 0, :]
+        bias = conv1d.bias if conv1d.bias is not None else weight.new_zeros(weight.shape[0])
+        out = conv_silu(x, weight, bias, self.spec, self.scales, observer, left_context, mask)
+        if state is not None:
+            state.conv[layer_idx] = _last_conv_inputs(left_context, x, mask)
+        return out
 
     def extra_repr(self) -> str:
         return replace(self.spec, layers=None).label
@@ -47,7 +56,7 @@ class ConvSiLU(nn.Module):
 SITES = {"conv_silu": ConvSiLU}
 
 
-def last_conv_inputs(left_context: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _last_conv_inputs(left_context: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The last K-1 conv inputs, padding as zeros (as the conv saw them), for the next step."""
     keep = left_context.shape[1]
     if mask is not None:
