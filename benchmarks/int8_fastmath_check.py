@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gpu_bench import timed_ms  # noqa: E402
 from int8_fastmath_reference import SOURCE, FLAGS, build, floatsim_codes, realistic_inputs, reference_codes, tie_inputs  # noqa: E402
 
 from lm_eval_floatsim.quant import QuantSpec, conv_silu  # noqa: E402
@@ -41,29 +42,16 @@ def reference_ptx() -> str:
     return "\n".join(line.strip() for line in ptx.splitlines() if re.search(r"\b(fma|mul|add|ex2|rcp|div|cvt)\.", line))
 
 
-def milliseconds(function, repeats: int = 30) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def speed(batch=64, length=2048, channels=1536) -> dict:
     X, W, Bq, scales = realistic_inputs(batch, length, channels, seed=1)
     x = (X.float() * scales.input).half()
     w, b = W.float() * scales.weight, Bq.float() * scales.bias
     result = {"shape": [batch, length, channels], "dtype": "float16"}
     copy_source = torch.empty_like(x)
-    result["copy_ms"] = milliseconds(lambda: copy_source.copy_(x))
+    result["copy_ms"] = timed_ms(lambda: copy_source.copy_(x), x.device, iters=30)
     for kernel_math in ("exact", "fast"):
         spec = QuantSpec("int8", kernel_math=kernel_math)
-        conv_silu(x, w, b, spec, scales)  # compile
-        result[f"{kernel_math}_ms"] = milliseconds(lambda: conv_silu(x, w, b, spec, scales))
+        result[f"{kernel_math}_ms"] = timed_ms(lambda: conv_silu(x, w, b, spec, scales), x.device, iters=30)  # warm-up compiles
         result[f"{kernel_math}_share_of_copy_bandwidth"] = result["copy_ms"] / result[f"{kernel_math}_ms"]
     return result
 
