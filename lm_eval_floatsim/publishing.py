@@ -50,6 +50,7 @@ def _dump_meta(model_id: str, scales: Optional[Scales]) -> dict:
 def results_section(dump: dict, dump_path: Path, scales: Optional[Scales], dump_sha256: Optional[str] = None) -> dict:
     """`results["config"]["floatsim"]`: the run's settings, files and per-layer statistics."""
     config = dump["config"]
+    kind = get_mode(config["mode"])
     return {
         "mode": config["mode"],
         "divisor": config["divisor"],
@@ -57,8 +58,8 @@ def results_section(dump: dict, dump_path: Path, scales: Optional[Scales], dump_
         "clamp": config["clamp"],
         "quantized_layers": config.get("layers"),  # None: every block
         "asic_dtype": config.get("asic_dtype", "float32"),
-        "kernel_math": config.get("kernel_math", "exact") if get_mode(config["mode"]).arithmetic == INT8_KERNEL else None,
-        "operand_rounding": config.get("operand_rounding", KERNEL_ROUNDING) if config["rounding"] is not None else None,
+        "kernel_math": config.get("kernel_math", "exact") if kind.arithmetic == INT8_KERNEL else None,
+        "operand_rounding": config.get("operand_rounding", KERNEL_ROUNDING) if kind.quantized else None,
         "model": config["model"],
         "scales_file": str(scales.path) if scales is not None and scales.path is not None else None,
         "scales_sha256": config["scales_sha256"],

@@ -65,7 +65,12 @@ def quantize_codes(
     The division is in t's format (with the scale rounded to it); rounding and clamping, exact on
     integers, are in fp32, where codes beyond a 16-bit format's range still fit.
     """
-    return clamp_codes(round_codes((t / _scalar(scale, t.dtype, t.device)).float(), rounding), code_range)
+    return clamp_codes(round_codes(divide_by_scale(t, scale), rounding), code_range)
+
+
+def divide_by_scale(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """t / scale, correctly rounded in t's format (with the scale rounded to it), as fp32."""
+    return (t / _scalar(scale, t.dtype, t.device)).float()
 
 
 def clamp_codes(rounded: torch.Tensor, code_range: Optional[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,15 +147,15 @@ def _conv_silu_values(x, weight, bias, spec, scales, observer, left_context) -> 
 
     X, W, Bq = quantize_operands(window, weight.float(), bias.float(), scales, spec.operand_rounding)
     effective = effective_scale(spec, scales.output)
-    if arithmetic == INT8_KERNEL and spec.epilogue_math == "fast":
+    fast = arithmetic == INT8_KERNEL and spec.epilogue_math == "fast"
+    if fast:
         y = fast_silu(_fast_int8_preactivation(X, W, Bq, scales))
-        codes, clamped = clamp_codes(round_codes(fast_quotient(y, effective), spec.output_rounding), spec.code_range())
+    elif arithmetic == INT8_KERNEL:
+        y = silu(_int8_kernel_preactivation(X, W, Bq, scales))
     else:
-        if arithmetic == INT8_KERNEL:
-            y = silu(_int8_kernel_preactivation(X, W, Bq, scales))
-        else:
-            y = _float_sim_conv_silu(X, W, Bq, scales, FORMATS[spec.asic_format])
-        codes, clamped = quantize_codes(y, effective, spec.output_rounding, spec.code_range())
+        y = _float_sim_conv_silu(X, W, Bq, scales, FORMATS[spec.asic_format])
+    quotient = fast_quotient(y, effective) if fast else divide_by_scale(y, effective)
+    codes, clamped = clamp_codes(round_codes(quotient, spec.output_rounding), spec.code_range())
     after = codes * _fp32(effective, x.device)
     if observer is not None:
         observer(y.float(), after, codes, clamped)
@@ -217,11 +222,12 @@ def _poison(v: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
 # --- the INT8 kernel's epilogue as `nvcc -O3 --use_fast_math` builds it (kernel_math=fast) ----------
 # What the compiler makes of `v = s_wx * acc + s_b * Bq; y = v / (1 + expf(-v)); roundf(y / s_y)`:
 # the sum contracted into one FMA, expf as ex2.approx of the product -v * log2(e), both divisions as
-# div.approx, i.e. multiplications by rcp.approx (1 / s_y computed once), every result and operand of
-# these flushed to zero when subnormal (the PTX and SASS of such a build: docs/BENCHMARKS.md). The FMA and the flushing are emulated exactly here; ex2.approx and
-# rcp.approx are the GPU's own (MUFU) results, for which the CPU's exp2 and correctly rounded
-# reciprocal stand in: docs/BENCHMARKS.md counts the codes that makes differ. The Triton kernel
-# issues the instructions themselves.
+# div.approx, i.e. multiplications by rcp.approx (1 / s_y computed once), every result and operand
+# of these flushed to zero when subnormal (the PTX and SASS of such a build: docs/BENCHMARKS.md).
+# The FMA and the flushing are emulated exactly here; ex2.approx and rcp.approx are the GPU's own
+# (MUFU) results, for which the CPU's exp2 and correctly rounded reciprocal stand in:
+# docs/BENCHMARKS.md counts the codes that makes differ. The Triton kernel issues the
+# instructions themselves.
 FLT_MIN = 2.0**-126
 LOG2E = float(np.float32(1.4426950408889634))  # the fp32 constant __expf multiplies by (0x3FB8AA3B)
 
