@@ -227,8 +227,11 @@ def _mamba_ssm_config(raw: dict, ssm_cfg, path: Path) -> MambaConfig:
         raise InputError(f"{path}: checkpoints with MLP layers (d_intermediate > 0) are not supported")
     _require_rms_norm(raw.get("rms_norm", True), path)
     mamba2 = ssm_cfg.get("layer", "Mamba1") == "Mamba2"
-    if mamba2:
+    family = {}
+    if mamba2:  # mamba_ssm's Mamba2 block: d_state 128 by default, its gated RMSNorm's eps fixed at 1e-5
         _require_supported_mamba2(ssm_cfg, path)
+        family = {"mixer": "Mamba2", "headdim": int(ssm_cfg.get("headdim", 64)), "ngroups": int(ssm_cfg.get("ngroups", 1)),
+                  "mixer_rms_eps": 1e-5, "dt_limit": _dt_limit(ssm_cfg.get("dt_limit", (0.0, math.inf)))}
     return _checked_mamba2(MambaConfig(
         d_model=int(raw["d_model"]),
         n_layer=int(raw["n_layer"]),
@@ -243,21 +246,19 @@ def _mamba_ssm_config(raw: dict, ssm_cfg, path: Path) -> MambaConfig:
         bias=bool(ssm_cfg.get("bias", False)),
         pad_vocab_size_multiple=int(raw.get("pad_vocab_size_multiple", 8)),
         tie_embeddings=bool(raw.get("tie_embeddings", True)),
-        mixer="Mamba2" if mamba2 else "Mamba1",
-        # mamba_ssm's Mamba2 block: d_state 128 by default, its gated RMSNorm's eps is fixed at 1e-5.
-        **({"headdim": int(ssm_cfg.get("headdim", 64)),
-            "ngroups": int(ssm_cfg.get("ngroups", 1)), "mixer_rms_eps": 1e-5,
-            "dt_limit": _dt_limit(ssm_cfg.get("dt_limit", (0.0, math.inf)))} if mamba2 else {}),
+        **family,
     ), path)
 
 
 def _transformers_config(raw: dict, path: Path) -> MambaConfig:
     _require_rms_norm(raw.get("rms_norm", True), path)
     mixer = TRANSFORMERS_MIXERS[raw.get("model_type") or "mamba"]
-    mamba2 = {}
+    # FalconMamba's dt/B/C norms take mixer_rms_eps, Mamba-2's gated norm layer_norm_epsilon.
+    family = {"mixer": mixer, "mixer_rms_eps": float(raw.get("mixer_rms_eps", MambaConfig.mixer_rms_eps))}
     if mixer == "Mamba2":
-        mamba2 = {"headdim": int(raw.get("head_dim", 64)), "ngroups": int(raw.get("n_groups", 1)),
-                  "dt_limit": _dt_limit(raw.get("time_step_limit", (0.0, math.inf)))}
+        family.update(headdim=int(raw.get("head_dim", 64)), ngroups=int(raw.get("n_groups", 1)),
+                      dt_limit=_dt_limit(raw.get("time_step_limit", (0.0, math.inf))),
+                      mixer_rms_eps=float(raw.get("layer_norm_epsilon", 1e-5)))
     # transformers sizes the embedding with vocab_size as given: no padding.
     return _checked_mamba2(MambaConfig(
         d_model=int(raw["hidden_size"]),
@@ -273,10 +274,7 @@ def _transformers_config(raw: dict, path: Path) -> MambaConfig:
         bias=bool(raw.get("use_bias", False)),
         pad_vocab_size_multiple=1,
         tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        mixer=mixer,
-        # FalconMamba's dt/B/C norms take mixer_rms_eps, Mamba-2's gated norm layer_norm_epsilon.
-        mixer_rms_eps=float(raw.get("layer_norm_epsilon", 1e-5) if mixer == "Mamba2" else raw.get("mixer_rms_eps", MambaConfig.mixer_rms_eps)),
-        **mamba2,
+        **family,
     ), path)
 
 
