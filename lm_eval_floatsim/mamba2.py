@@ -64,6 +64,8 @@ class Mamba2Mixer(nn.Module):
 
 # mamba_ssm's chunked SSD kernels (Triton) work on chunks of this many positions, its default.
 CHUNK_SIZE = 256
+# The PyTorch chunked scan's chunk: its (chunk x chunk) decay matrices per head stay small on a CPU.
+TORCH_CHUNK_SIZE = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,14 +81,64 @@ def mamba_ssm_chunk_scan():
 def ssd_scan(x, dt, A, B, C, D, h0: Optional[torch.Tensor] = None):
     """The multi-head selective scan: x (batch, length, nheads, headdim), dt (batch, length, nheads)
     after softplus, A and D (nheads,), B and C (batch, length, ngroups, d_state), h0 (batch, nheads,
-    headdim, d_state) or None. Returns y (fp32, x's shape) and the last state. On CUDA, prompts go
-    through mamba_ssm's chunked kernels when it is installed; everything else is the step-by-step
-    recurrence in fp32, the reference."""
-    chunked = mamba_ssm_chunk_scan() if x.is_cuda and x.shape[1] > 1 else None
-    if chunked is not None:
-        y, last = chunked(x.float(), dt, A, B.float(), C.float(), CHUNK_SIZE, D=D, initial_states=h0, return_final_states=True)
+    headdim, d_state) or None. Returns y (fp32, x's shape) and the last state. Prompts go through
+    mamba_ssm's chunked kernels on CUDA when it is installed, else through `chunked_scan`; a single
+    decoding step is one step of the recurrence. All in fp32."""
+    if x.shape[1] == 1:
+        return _recurrence(x, dt, A, B, C, D, h0)
+    kernel = mamba_ssm_chunk_scan() if x.is_cuda else None
+    if kernel is not None:
+        y, last = kernel(x.float(), dt, A, B.float(), C.float(), CHUNK_SIZE, D=D, initial_states=h0, return_final_states=True)
         return y.float(), last
-    return _recurrence(x, dt, A, B, C, D, h0)
+    return chunked_scan(x, dt, A, B, C, D, h0)
+
+
+def chunked_scan(x, dt, A, B, C, D, h0=None, chunk: int = TORCH_CHUNK_SIZE):
+    """The scan of `ssd_scan` as the SSD algorithm computes it, in chunks of `chunk` positions.
+
+    With a_t = dt_t A (the log of step t's decay) and u_t = dt_t x_t: within a chunk,
+    y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) u_j (matrix products); each chunk's
+    contribution to the state, sum_j exp(a_{j+1} + ... + a_end) u_j B_j^T, is carried from chunk to
+    chunk (h <- exp(a_1 + ... + a_end) h + contribution), and the state entering a chunk adds
+    exp(a_1 + ... + a_i) C_i . h to y_i. Sums of a are taken over exactly their terms (never as a
+    difference of running sums), so a decay is as accurate as its exponent however long the chunk.
+    """
+    batch, length, nheads, headdim = x.shape
+    per_group = nheads // B.shape[2]
+    pad = (-length) % chunk  # padding: a = 0 and u = 0 change neither the state nor real outputs
+    chunks = (length + pad) // chunk
+
+    def blocks(t, *tail):
+        t = F.pad(t.float(), (0, 0) * len(tail) + (0, 0, 0, pad))
+        return t.reshape(batch, chunks, chunk, nheads, *tail)
+
+    u = blocks(x * dt[..., None], headdim)  # (batch, chunks, chunk, heads, headdim)
+    a = blocks(dt * A)  # (batch, chunks, chunk, heads)
+    Bh = blocks(B.float().repeat_interleave(per_group, dim=2), B.shape[-1])
+    Ch = blocks(C.float().repeat_interleave(per_group, dim=2), C.shape[-1])
+
+    decay = torch.exp(_segment_sums(a.transpose(2, 3)))  # (batch, chunks, heads, i, j): exp(a_{j+1..i}), 0 above i
+    scores = torch.einsum("bcihn,bcjhn->bchij", Ch, Bh) * decay
+    y = torch.einsum("bchij,bcjhp->bcihp", scores, u)
+
+    to_end = decay[..., -1, :]  # (batch, chunks, heads, j): exp(a_{j+1..end})
+    contributions = torch.einsum("bcjhn,bchj,bcjhp->bchpn", Bh, to_end, u)
+    from_start = decay[..., :, 0] * torch.exp(a[:, :, :1].transpose(2, 3))  # exp(a_{1..i}) = exp(a_{2..i}) exp(a_1)
+    h = h0.float() if h0 is not None else x.new_zeros(batch, nheads, headdim, Bh.shape[-1], dtype=torch.float32)
+    for c in range(chunks):
+        y[:, c] += torch.einsum("bihn,bhi,bhpn->bihp", Ch[:, c], from_start[:, c], h)
+        whole_chunk = to_end[:, c, :, 0] * torch.exp(a[:, c, 0])  # exp(a_{1..end}), (batch, heads)
+        h = h * whole_chunk[..., None, None] + contributions[:, c]
+    y = y.reshape(batch, chunks * chunk, nheads, headdim)[:, :length]
+    return y + D[:, None] * x.float(), h
+
+
+def _segment_sums(a: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (..., n, n): sum of a[j+1..i] at [i, j] for i >= j (0 on the diagonal), -inf above it."""
+    n = a.shape[-1]
+    below = torch.tril(torch.ones(n, n, dtype=torch.bool, device=a.device), diagonal=-1)
+    sums = a[..., None, :].expand(*a.shape, n).transpose(-1, -2).masked_fill(~below, 0).cumsum(dim=-2)
+    return sums.masked_fill(~torch.tril(torch.ones_like(below)), -math.inf)
 
 
 def _recurrence(x, dt, A, B, C, D, h0):
