@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
-from .calibration import CalibrationSettings, Scales, cached_scales, data_fingerprint, weights_sha256
+from .calibration import (CalibrationSettings, Scales, cached_scales, check_conv_scales, data_fingerprint,
+                          recorded_setting, weights_sha256)
 from .errors import ArgumentError, InputError
 from .loading import load_pretrained, load_tokenizer, model_label, resolve_dtype
 from .modes import QuantSpec, parse_layers
@@ -41,6 +42,7 @@ def load_model(
     calib_samples: Optional[int] = None,
     calib_seqlen: Optional[int] = None,
     percentile: Optional[float] = None,
+    conv_scales: Optional[str] = None,
     dtype: str = "float32",
     device: str = "cpu",
     tokenizer: Optional[str] = None,
@@ -50,7 +52,8 @@ def load_model(
     """(model, tokenizer, scales): a MambaLM in `mode`, its tokenizer, and the scales it uses.
 
     The calibration arguments default to CalibrationSettings' (the first 512 documents of the Pile
-    validation split, 512 tokens each, percentile 0.9995). Given with `scales`, they must match the
+    validation split, 512 tokens each, percentile 0.9995, conv_scales conv: one input and one
+    output scale per conv; xbc: one per segment x, B, C of a Mamba-2 conv). Given with `scales`, they must match the
     settings recorded in the scales file. `scales` is None for mode=fp without a scales argument
     (the unquantized model needs none). `layers` ('0-5+12', see `modes.parse_layers`) limits
     the mode to those blocks; the others run unquantized. `asic_dtype` (float32, float16,
@@ -61,7 +64,7 @@ def load_model(
     checkpoint is loaded.
     """
     spec = QuantSpec(mode, divisor, rounding, clamp, parse_layers(layers), asic_dtype, kernel_math, operand_rounding)
-    explicit = _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile)
+    explicit = _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile, conv_scales)
     settings = CalibrationSettings(**explicit)
     resolve_dtype(dtype, device)
     chosen = _given_scales(scales, explicit)
@@ -69,6 +72,7 @@ def load_model(
     model = load_pretrained(pretrained, dtype, device, revision)
     tok = load_tokenizer(pretrained, tokenizer, revision)
     _check_vocabulary(tok, model, pretrained)
+    check_conv_scales(settings.conv_scales, model.config, pretrained)
     if chosen is not None:
         _check_layer_count(chosen, model, pretrained)
         _check_weights(chosen, model, pretrained)
@@ -78,8 +82,9 @@ def load_model(
     return LoadedModel(model, tok, chosen)
 
 
-def _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile) -> dict:
-    chosen = dict(calib_data=calib_data, calib_samples=calib_samples, calib_seqlen=calib_seqlen, percentile=percentile)
+def _explicit_calibration(calib_data, calib_samples, calib_seqlen, percentile, conv_scales) -> dict:
+    chosen = dict(calib_data=calib_data, calib_samples=calib_samples, calib_seqlen=calib_seqlen, percentile=percentile,
+                  conv_scales=conv_scales)
     return {name: value for name, value in chosen.items() if value is not None}
 
 
@@ -93,7 +98,7 @@ def _given_scales(scales, explicit: dict) -> Optional[Scales]:
     source = f"scales file {loaded.path}" if loaded.path is not None else "the given scales"
     for name, value in explicit.items():
         if not _recorded_as(loaded.settings, name, value):
-            recorded = loaded.settings.get(name)
+            recorded = recorded_setting(loaded.settings, name)
             raise ArgumentError(name, value, f"{recorded!r} as recorded in {source}, or no {name} argument")
     return loaded
 
@@ -104,7 +109,7 @@ def _recorded_as(settings: dict, name: str, value) -> bool:
         fingerprint = data_fingerprint(value)
         if fingerprint is not None:
             return settings.get("calib_data_sha256") == fingerprint
-    return settings.get(name) == value
+    return recorded_setting(settings, name) == value
 
 
 def _check_layer_count(scales: Scales, model, pretrained: str) -> None:

@@ -21,11 +21,13 @@ from .errors import ArgumentError
 from .loading import DTYPES as TORCH_DTYPES
 from .loading import model_label, refuse_revision_of_folder
 from .modes import QuantSpec, parse_layers, registry
+from .quant import CONV_SCALES
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRETRAINED = "state-spaces/mamba-130m"
-DTYPES = (*TORCH_DTYPES, "auto")  # auto: float16 on CUDA (as lm-eval's mamba_ssm model), float32 elsewhere
+DTYPES = (*TORCH_DTYPES, "auto")
+CALIBRATION_ARGUMENTS = ("calib_data", "calib_samples", "calib_seqlen", "percentile", "conv_scales")  # auto: float16 on CUDA (as lm-eval's mamba_ssm model), float32 elsewhere
 
 # lm-eval's own HFLM arguments that make sense for this model; they are passed to HFLM unchanged.
 # trust_remote_code is accepted because `lm_eval --trust_remote_code` adds it to every model's
@@ -73,6 +75,7 @@ class ModelArgs:
     calib_samples: Optional[int] = None
     calib_seqlen: Optional[int] = None
     percentile: Optional[float] = None
+    conv_scales: Optional[str] = None
     scales: Optional[str] = None
     dtype: str = "float32"
     device: Optional[str] = None
@@ -82,6 +85,13 @@ class ModelArgs:
     def spec(self) -> QuantSpec:
         return QuantSpec(self.mode, self.divisor, self.rounding, self.clamp, self.layers, self.asic_dtype,
                          self.kernel_math, self.operand_rounding)
+
+    @property
+    def calibration(self) -> dict:
+        """The calibration settings given (`calibration.CalibrationSettings`' names), for
+        `api.load_model`; the others keep their defaults, or the scales file's record."""
+        chosen = {name: getattr(self, name) for name in CALIBRATION_ARGUMENTS}
+        return {name: value for name, value in chosen.items() if value is not None}
 
     @property
     def model_id(self) -> str:
@@ -115,6 +125,7 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
         "calib_samples": _optional(values, "calib_samples", _positive_int),
         "calib_seqlen": _optional(values, "calib_seqlen", _positive_int),
         "percentile": _optional(values, "percentile", _percentile),
+        "conv_scales": _optional(values, "conv_scales", lambda name, value: _choice(name, value, CONV_SCALES)),
         "scales": _optional(values, "scales", _existing_file),
         "dtype": _choice("dtype", values.get("dtype", ModelArgs.dtype), DTYPES),
         "device": _optional(values, "device", _device),

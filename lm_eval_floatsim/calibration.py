@@ -7,6 +7,8 @@ Calibration runs the unquantized model over calibration text, as Quamba does: th
   order statistics, numpy.quantile's default), smoothed across samples by the EMA
   w <- w + 0.01 (q - w) started at the first sample's q; s_y = w / 127.
 - s_w, s_b: absmax of the conv weight and bias (whole tensor) / 127.
+With `conv_scales=xbc` (Mamba-2), s_x and s_y are computed so for each of the conv's channel
+segments x, B and C alone (`quant.SegmentedScales`); s_w and s_b stay the whole conv's.
 Every scale is rounded to fp32 once, so the value a scales file holds is exactly the factor the
 arithmetic of `quant` multiplies by.
 
@@ -35,7 +37,7 @@ import torch
 from .errors import ArgumentError, InputError
 from .files import write_json_atomic
 from .modes import INT8_RANGE, QuantSpec
-from .quant import LayerScales
+from .quant import CONV_SCALES, LayerScales, SegmentedScales
 from .sites import SITES
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ QMAX = INT8_RANGE[1]
 FORMAT = "lm_eval_floatsim.scales/2"
 FORMAT_V1 = "lm_eval_floatsim.scales/1"
 CONV_SITE = "conv_silu"
+SEGMENTS = "segments"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class CalibrationSettings:
     calib_samples: int = 512
     calib_seqlen: int = 512
     percentile: float = 0.9995
+    conv_scales: str = "conv"
 
     def __post_init__(self):
         if not isinstance(self.calib_data, str) or not self.calib_data.strip():
@@ -76,6 +80,34 @@ class CalibrationSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentError(name, value, "a positive integer")
         _check_percentile(self.percentile)
+        _check_conv_scales_value(self.conv_scales)
+
+    def record(self) -> dict:
+        """The settings as scales files record them: a setting added later is left out at its
+        default, so that files and caches written before it existed keep their content and sha256."""
+        return {name: value for name, value in asdict(self).items()
+                if not (name in OMITTED_AT_DEFAULT and OMITTED_AT_DEFAULT[name] == value)}
+
+
+# Settings that a record leaves out at their default (`CalibrationSettings.record`).
+OMITTED_AT_DEFAULT = {"conv_scales": "conv"}
+
+
+def recorded_setting(settings: dict, name: str):
+    """A setting as a scales file's record holds it, its default where the record leaves it out."""
+    return settings.get(name, OMITTED_AT_DEFAULT.get(name))
+
+
+def check_conv_scales(conv_scales: str, config, model_id: str) -> None:
+    """conv_scales is one of CONV_SCALES, and xbc needs a conv of several segments (Mamba-2's x, B and C)."""
+    _check_conv_scales_value(conv_scales)
+    if conv_scales == "xbc" and len(config.conv_segments()) == 1:
+        raise ArgumentError("conv_scales", conv_scales, f"conv for {model_id}: its {config.mixer} conv holds x only (xbc needs Mamba-2)")
+
+
+def _check_conv_scales_value(conv_scales) -> None:
+    if conv_scales not in CONV_SCALES:
+        raise ArgumentError("conv_scales", conv_scales, "one of " + ", ".join(CONV_SCALES))
 
 
 def _is_number(value) -> bool:
@@ -212,7 +244,8 @@ class _CalibrationDone(Exception):
 
 
 class _OutputObserver:
-    """The `quant.conv_silu` observer of one block: records each sample's |y| quantile.
+    """The `quant.conv_silu` observer of one block: records each sample's |y| quantile, one per
+    channel segment (shape (segments,)).
 
     `wants_values` is always true, so that any fused kernel hands this observer the full values
     instead of accumulating into recorder statistics it does not have.
@@ -220,36 +253,42 @@ class _OutputObserver:
 
     wants_values = True
 
-    def __init__(self, quantiles: list, percentile: float):
-        self.quantiles, self.percentile = quantiles, percentile
+    def __init__(self, quantiles: list, percentile: float, widths: tuple[int, ...]):
+        self.quantiles, self.percentile, self.widths = quantiles, percentile, widths
 
     def __call__(self, before, after, codes, clamped) -> None:
-        rows = before.abs().reshape(before.shape[0], -1)
-        self.quantiles.extend(upper_quantile(rows, self.percentile).unbind())
+        per_segment = [
+            upper_quantile(segment.abs().reshape(before.shape[0], -1), self.percentile)
+            for segment in before.split(self.widths, dim=-1)
+        ]
+        self.quantiles.extend(torch.stack(per_segment, dim=-1).unbind())
 
 
 class _ActivationStats:
-    """Stands in for the model's recorder during calibration; statistics stay on the device
-    until the end, so a GPU is not synchronised per sample."""
+    """Stands in for the model's recorder during calibration, per block and channel segment (one
+    segment, the whole conv, unless conv_scales=xbc); statistics stay on the device until the
+    end, so a GPU is not synchronised per sample."""
 
-    def __init__(self, n_layer: int, percentile: float):
+    def __init__(self, n_layer: int, percentile: float, widths: tuple[int, ...]):
         self.input_absmax: list[Optional[torch.Tensor]] = [None] * n_layer
         self.output_quantiles: list[list[torch.Tensor]] = [[] for _ in range(n_layer)]
-        self.percentile = percentile
+        self.percentile, self.widths = percentile, widths
 
     def layer(self, layer_idx: int, mask) -> _OutputObserver:
-        return _OutputObserver(self.output_quantiles[layer_idx], self.percentile)
+        return _OutputObserver(self.output_quantiles[layer_idx], self.percentile, self.widths)
 
     def observe_input(self, layer_idx: int, x: torch.Tensor) -> None:
-        absmax = x.detach().abs().amax().float()
+        absmax = torch.stack([segment.detach().abs().amax().float() for segment in x.split(self.widths, dim=-1)])
         previous = self.input_absmax[layer_idx]
         self.input_absmax[layer_idx] = absmax if previous is None else torch.maximum(previous, absmax)
 
 
 def calibrate(
-    model, tokenizer, texts: Iterable[str], seqlen: int, percentile: float, progress: bool = True
-) -> list[LayerScales]:
-    """One LayerScales per block of `model` (a MambaLM), computed on its unquantized forward.
+    model, tokenizer, texts: Iterable[str], seqlen: int, percentile: float, progress: bool = True,
+    conv_scales: str = "conv",
+) -> list:
+    """One LayerScales per block of `model` (a MambaLM), computed on its unquantized forward; with
+    conv_scales=xbc one SegmentedScales per block.
 
     Each text is tokenized as the tokenizer does by default (as Quamba does), truncated to
     `seqlen` tokens, never padded, and run alone; texts without tokens are skipped. The model's
@@ -258,11 +297,13 @@ def calibrate(
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1:
         raise ArgumentError("calib_seqlen", seqlen, "a positive integer")
     _check_percentile(percentile)
-    stats = _ActivationStats(model.config.n_layer, percentile)
+    check_conv_scales(conv_scales, model.config, "the model")
+    segments = model.config.conv_segments() if conv_scales == "xbc" else {"conv": model.config.conv_dim}
+    stats = _ActivationStats(model.config.n_layer, percentile, tuple(segments.values()))
     samples = _run_samples(model, tokenizer, texts, seqlen, stats, progress)
     if samples == 0:
         raise InputError("calib_data: no calibration sample has at least one token")
-    return [_layer_scales(model, stats, i) for i in range(model.config.n_layer)]
+    return [_layer_scales(model, stats, i, segments if conv_scales == "xbc" else None) for i in range(model.config.n_layer)]
 
 
 def _run_samples(model, tokenizer, texts, seqlen, stats: _ActivationStats, progress: bool) -> int:
@@ -312,20 +353,22 @@ def _install_hooks(model, stats: _ActivationStats) -> list:
     return hooks
 
 
-def _layer_scales(model, stats: _ActivationStats, layer_idx: int) -> LayerScales:
+def _layer_scales(model, stats: _ActivationStats, layer_idx: int, segments: Optional[dict[str, int]]):
+    """The block's LayerScales, or with `segments` (name -> width) its SegmentedScales."""
     conv = model.backbone.layers[layer_idx].mixer.conv1d
-    input_absmax = stats.input_absmax[layer_idx].item()
-    output_level = ema(torch.stack(stats.output_quantiles[layer_idx]).tolist())
+    input_absmax = stats.input_absmax[layer_idx].tolist()
+    quantiles = torch.stack(stats.output_quantiles[layer_idx]).T.tolist()  # (segments, samples)
+    output_levels = [ema(per_sample) for per_sample in quantiles]
     weight_absmax = conv.weight.detach().abs().amax().item()
     bias_absmax = conv.bias.detach().abs().amax().item() if conv.bias is not None else 0.0
-    if not all(math.isfinite(v) for v in (input_absmax, output_level, weight_absmax, bias_absmax)):
+    if not all(math.isfinite(v) for v in (*input_absmax, *output_levels, weight_absmax, bias_absmax)):
         raise InputError(f"calibration: block {layer_idx} has non-finite weights or activations; the model is unusable")
-    return LayerScales(
-        input=scale_from_absmax(input_absmax),
-        output=scale_from_absmax(output_level),
-        weight=scale_from_absmax(weight_absmax),
-        bias=scale_from_absmax(bias_absmax),
-    )
+    inputs = tuple(scale_from_absmax(v) for v in input_absmax)
+    outputs = tuple(scale_from_absmax(v) for v in output_levels)
+    weight, bias = scale_from_absmax(weight_absmax), scale_from_absmax(bias_absmax)
+    if segments is None:
+        return LayerScales(input=inputs[0], output=outputs[0], weight=weight, bias=bias)
+    return SegmentedScales(tuple(segments), tuple(segments.values()), inputs, outputs, weight, bias)
 
 
 # --- the scales file --------------------------------------------------------------------------
@@ -340,7 +383,9 @@ class Scales:
     """The scales of every block of one model + calibration, as saved in a scales file.
 
     `layers` holds each block's Conv1D+SiLU scales (the one quantization site today; the file
-    stores them per site). `settings` records everything the values depend on besides the model id
+    stores them per site): LayerScales, or SegmentedScales when calibrated with conv_scales=xbc
+    (the file then holds ``{"weight_scale", "bias_scale", "segments": [{"name", "channels",
+    "input_scale", "output_scale"}, ...]}`` for the site). `settings` records everything the values depend on besides the model id
     (calibration settings, dtype, tokenizer, fingerprints of the weights and of a local calibration
     file). `format` is the file version written (a version-1 file loaded stays version 1). `path` is
     the file the scales were loaded from or last saved to (not part of the content).
@@ -348,12 +393,12 @@ class Scales:
 
     model_id: str
     settings: dict
-    layers: list[LayerScales]
+    layers: list  # LayerScales or SegmentedScales, one per block
     path: Optional[Path] = field(default=None, compare=False, repr=False)
     format: str = FORMAT
 
     def __post_init__(self):
-        self.layers = [LayerScales(*(_fp32(v) for v in (s.input, s.output, s.weight, s.bias))) for s in self.layers]
+        self.layers = [_scales_in_fp32(s) for s in self.layers]
 
     def content(self) -> dict:
         """The JSON content without its hash."""
@@ -375,14 +420,38 @@ class Scales:
         _check_layout(path, data)
         if _content_sha256({k: v for k, v in data.items() if k != "sha256"}) != data["sha256"]:
             raise InputError(f"scales file {path}: sha256 does not match the content (edited or corrupt)")
-        keys = SITES[CONV_SITE].scale_keys
-        layers = [LayerScales(*(_conv_entry(entry, data["format"])[key] for key in keys)) for entry in data["layers"]]
+        layers = [_site_scales(_conv_entry(entry, data["format"])) for entry in data["layers"]]
         return cls(data["model"], data["settings"], layers, path=path, format=data["format"])
 
 
-def _layer_entry(layer_idx: int, scales: LayerScales, version: str) -> dict:
-    values = dict(zip(SITES[CONV_SITE].scale_keys, (scales.input, scales.output, scales.weight, scales.bias)))
+def _scales_in_fp32(scales):
+    if isinstance(scales, SegmentedScales):
+        return SegmentedScales(scales.names, scales.widths, tuple(map(_fp32, scales.inputs)),
+                               tuple(map(_fp32, scales.outputs)), _fp32(scales.weight), _fp32(scales.bias))
+    return LayerScales(*(_fp32(v) for v in (scales.input, scales.output, scales.weight, scales.bias)))
+
+
+def _layer_entry(layer_idx: int, scales, version: str) -> dict:
+    if isinstance(scales, SegmentedScales):
+        values = {"weight_scale": scales.weight, "bias_scale": scales.bias, SEGMENTS: [
+            {"name": name, "channels": width, "input_scale": s_x, "output_scale": s_y}
+            for name, width, s_x, s_y in zip(scales.names, scales.widths, scales.inputs, scales.outputs)
+        ]}
+    else:
+        values = dict(zip(SITES[CONV_SITE].scale_keys, (scales.input, scales.output, scales.weight, scales.bias)))
     return {"layer_idx": layer_idx, **(values if version == FORMAT_V1 else {CONV_SITE: values})}
+
+
+def _site_scales(site: dict):
+    """A checked site entry (`_check_layout`) as LayerScales or SegmentedScales."""
+    if SEGMENTS not in site:
+        return LayerScales(*(site[key] for key in SITES[CONV_SITE].scale_keys))
+    segments = site[SEGMENTS]
+    return SegmentedScales(
+        tuple(segment["name"] for segment in segments), tuple(segment["channels"] for segment in segments),
+        tuple(segment["input_scale"] for segment in segments), tuple(segment["output_scale"] for segment in segments),
+        site["weight_scale"], site["bias_scale"],
+    )
 
 
 def _conv_entry(entry: dict, version: str):
@@ -440,12 +509,38 @@ def _check_layout(path: Path, data) -> None:
         where = f"layers[{position}]" if data["format"] == FORMAT_V1 else f"layers[{position}].{CONV_SITE}"
         if not isinstance(site, dict):
             fail(f"{where} is missing or not an object")
-        for key in SITES[CONV_SITE].scale_keys:
-            value = site.get(key)
-            if not _positive_finite(value):
-                fail(f"{where}.{key} must be a positive finite number, got {value!r:.40}")
-            if _fp32(value) != value:
-                fail(f"{where}.{key}={value!r} is not an fp32 value")
+        if SEGMENTS in site and data["format"] != FORMAT_V1:
+            _check_segments_layout(fail, where, site)
+        else:
+            _check_scale_values(fail, where, site, SITES[CONV_SITE].scale_keys)
+
+
+def _check_segments_layout(fail, where: str, site: dict) -> None:
+    _check_scale_values(fail, where, site, ("weight_scale", "bias_scale"))
+    segments = site[SEGMENTS]
+    if not isinstance(segments, list) or len(segments) < 2:
+        fail(f"{where}.{SEGMENTS} must be a list of at least two segments")
+    names = []
+    for k, segment in enumerate(segments):
+        at = f"{where}.{SEGMENTS}[{k}]"
+        if not isinstance(segment, dict) or not isinstance(segment.get("name"), str) or not segment["name"]:
+            fail(f"{at} is not an object with a name")
+        channels = segment.get("channels")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            fail(f"{at}.channels must be a positive integer, got {channels!r:.40}")
+        _check_scale_values(fail, at, segment, ("input_scale", "output_scale"))
+        names.append(segment["name"])
+    if len(set(names)) != len(names):
+        fail(f"{where}.{SEGMENTS} names a segment twice: {names}")
+
+
+def _check_scale_values(fail, where: str, entry: dict, keys) -> None:
+    for key in keys:
+        value = entry.get(key)
+        if not _positive_finite(value):
+            fail(f"{where}.{key} must be a positive finite number, got {value!r:.40}")
+        if _fp32(value) != value:
+            fail(f"{where}.{key}={value!r} is not an fp32 value")
 
 
 def _positive_finite(value) -> bool:
@@ -481,7 +576,7 @@ def weights_sha256(model) -> str:
 def scales_settings(settings: CalibrationSettings, model, tokenizer) -> dict:
     """The `settings` of a scales file: the user's choices plus what else changes the values."""
     return {
-        **asdict(settings),
+        **settings.record(),
         "calib_data_sha256": data_fingerprint(settings.calib_data),
         "dtype": str(model.dtype).removeprefix("torch."),
         "tokenizer": getattr(tokenizer, "name_or_path", None) or None,
@@ -520,7 +615,7 @@ def cached_scales(
                 logger.info("scales of %s from the cache: %s", model_id, path)
                 return cached
     texts = load_calibration_texts(settings.calib_data, settings.calib_samples)
-    layers = calibrate(model, tokenizer, texts, settings.calib_seqlen, settings.percentile, progress)
+    layers = calibrate(model, tokenizer, texts, settings.calib_seqlen, settings.percentile, progress, settings.conv_scales)
     scales = Scales(model_id, record, layers)
     scales.save(path)
     logger.info("calibrated %s on %d samples of %s; scales cached in %s", model_id, len(texts), settings.calib_data, path)

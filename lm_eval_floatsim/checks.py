@@ -323,11 +323,12 @@ def check_effective_scale(file: DumpFile) -> CheckResult:
     rule = f"output_scale / {format_divisor(file.divisor)}" if file.kind.takes_divisor else "output_scale"
     failures = []
     for layer in filter(file.quantizes, file.layers):
-        effective, output = layer["effective_scale"], layer["output_scale"]
-        expected = file.kind.effective_scale(output, file.divisor) if _is_number(output) else None
-        if _is_number(effective) and expected is not None and not scales_match(effective, expected, file.asic_dtype):
-            ratio = f" (ratio {effective / expected:.6g})" if expected else ""
-            failures.append((layer["layer_idx"], f"effective_scale {effective!r} != {rule} = {expected!r}{ratio}"))
+        for part, scales in _scaled_parts(layer):
+            effective, output = scales["effective_scale"], scales["output_scale"]
+            expected = file.kind.effective_scale(output, file.divisor) if _is_number(output) else None
+            if _is_number(effective) and expected is not None and not scales_match(effective, expected, file.asic_dtype):
+                ratio = f" (ratio {effective / expected:.6g})" if expected else ""
+                failures.append((layer["layer_idx"], f"{part}effective_scale {effective!r} != {rule} = {expected!r}{ratio}"))
     if failures:
         return _first_failure(name, failures)
     where = "in every quantized layer, null in the others" if file.unquantized_layers else "in every layer"
@@ -457,13 +458,28 @@ def check_same_operands(files: list[DumpFile]) -> list[CheckResult]:
 def _check_one_output_scale(files: list[DumpFile], n_layer: int) -> CheckResult:
     name = "all files: one output scale per layer"
     for layer_idx in sorted(set().union(*(file.layer_indices(n_layer) for file in files))):
-        seen = [(file.name, layer["output_scale"]) for file in files
+        seen = [(file.name, _output_scales(layer)) for file in files
                 if (layer := file.layer(layer_idx)) is not None and _is_number(layer["output_scale"])]
         for other_name, other in seen[1:]:
-            if not scales_match(other, seen[0][1]):
-                detail = f"layer {layer_idx}: {seen[0][0]} has {seen[0][1]!r}, {other_name} has {other!r}"
+            if other.keys() != seen[0][1].keys() or not all(scales_match(other[part], seen[0][1][part]) for part in other):
+                detail = f"layer {layer_idx}: {seen[0][0]} has {_listed(seen[0][1])}, {other_name} has {_listed(other)}"
                 return CheckResult(name, False, detail, layer_idx)
     return CheckResult(name, True, f"{len(files)} files agree in every layer")
+
+
+def _scaled_parts(layer: dict) -> list[tuple[str, dict]]:
+    """(label, entry with effective_scale and output_scale): the layer, then each of its channel
+    segments (conv_scales=xbc)."""
+    segments = layer.get("segments") or []
+    return [("", layer)] + [(f"segment {segment['name']}: ", segment) for segment in segments]
+
+
+def _output_scales(layer: dict) -> dict:
+    return {part: scales["output_scale"] for part, scales in _scaled_parts(layer)}
+
+
+def _listed(output_scales: dict) -> str:
+    return ", ".join(f"{part}{scale!r}" for part, scale in output_scales.items())
 
 
 def check_reproduces(same: DumpFile, int8: DumpFile, n_layer: int) -> list[CheckResult]:
@@ -480,9 +496,10 @@ def check_reproduces(same: DumpFile, int8: DumpFile, n_layer: int) -> list[Check
 def _check_same_effective_scale(prefix: str, pairs, fmt: str = "float32") -> CheckResult:
     name = f"{prefix}: effective scale"
     for layer_idx, same, int8 in pairs:
-        a, b = same["effective_scale"], int8["effective_scale"]
-        if _is_number(a) and _is_number(b) and not scales_match(a, b, fmt):
-            return CheckResult(name, False, f"layer {layer_idx}: {a!r} vs the baseline's {b!r}", layer_idx)
+        for (part, ours), (_, baseline) in zip(_scaled_parts(same), _scaled_parts(int8)):
+            a, b = ours["effective_scale"], baseline["effective_scale"]
+            if _is_number(a) and _is_number(b) and not scales_match(a, b, fmt):
+                return CheckResult(name, False, f"layer {layer_idx}: {part}{a!r} vs the baseline's {b!r}", layer_idx)
     return CheckResult(name, True, "the baseline's in every layer")
 
 

@@ -27,9 +27,8 @@ SCALES_FILE = "scales.json"
 # Options that are model arguments of `mamba_floatsim`, validated by `arguments.parse_model_args`.
 MODEL_OPTIONS = (
     "pretrained", "revision", "tokenizer", "divisor", "rounding", "clamp", "layers", "asic_dtype", "kernel_math", "operand_rounding", "dump_dir", "dump_n", "calib_data",
-    "calib_samples", "calib_seqlen", "percentile", "scales", "dtype", "device",
+    "calib_samples", "calib_seqlen", "percentile", "conv_scales", "scales", "dtype", "device",
 )
-CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seqlen", "percentile")
 
 
 def add_arguments(parser) -> None:
@@ -51,6 +50,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calib-samples", help="calibration samples (default 512)")
     parser.add_argument("--calib-seqlen", help="tokens per calibration sample and of the text (default 512)")
     parser.add_argument("--percentile", help="quantile of |y| per calibration sample (default 0.9995)")
+    parser.add_argument("--conv-scales", help="conv: one input and one output scale per conv (default); xbc: one per segment x, B, C (Mamba-2)")
     parser.add_argument("--scales", help="a scales file to use instead of calibrating")
     parser.add_argument("--dtype", help="float32 (default), float16, bfloat16 or auto (float16 on CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
@@ -62,7 +62,7 @@ def run(args) -> int:
     if args.text is not None and not args.text.strip():
         raise ArgumentError("text", args.text, "a non-empty text")
     options = parse_model_args({name: getattr(args, name) for name in MODEL_OPTIONS})
-    explicit = {name: getattr(options, name) for name in CALIBRATION_OPTIONS if getattr(args, name) is not None}
+    explicit = options.calibration
 
     import torch
 

@@ -6,6 +6,11 @@ One file per mode, one entry per Mamba block::
      "layers": [{"layer_idx", "effective_scale", "output_scale", "before_quant", "after_quant",
                  "codes", "input_scale", "weight_scale", "bias_scale", "stats"}, ...]}
 
+A conv quantized in segments (conv_scales=xbc) also has "segments": [{"name", "channels",
+"input_scale", "output_scale", "effective_scale"}, ...] per block; its dumped values come from the
+first segment's channels (x), whose scales are the block's input_scale, output_scale and
+effective_scale.
+
 `dump.schema.json` beside this module is the JSON Schema of the layout. A dump holds no timestamp,
 host name or anything else that varies between runs: the same mode, model, scales and input give
 the same bytes. Values that are not finite (NaN or infinite activations) are written as null,
@@ -27,7 +32,7 @@ from . import __version__
 from .errors import InputError
 from .files import write_json_atomic
 from .modes import INT8_KERNEL, get_mode, mode_names, registry
-from .quant import LayerScales, QuantSpec, effective_scale as quant_effective_scale
+from .quant import LayerScales, QuantSpec, SegmentedScales, effective_scale as quant_effective_scale
 
 DUMP_FORMAT = "lm_eval_floatsim.dump/1"
 DEFAULT_DUMP_DIR = "yzCheckFloatSim"
@@ -149,7 +154,9 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _layer_entry(spec: QuantSpec, scales: Optional[LayerScales], snapshot, summary: dict, dump_n: int) -> dict:
+def _layer_entry(spec: QuantSpec, block_scales, snapshot, summary: dict, dump_n: int) -> dict:
+    segments = block_scales.segments() if isinstance(block_scales, SegmentedScales) else None
+    scales: Optional[LayerScales] = segments[0][2] if segments else block_scales  # the dumped values' channels
     output_scale = scales.output if scales is not None else None
     effective_scale = quant_effective_scale(spec, output_scale) if spec.quantized else None
     if snapshot is None:
@@ -159,7 +166,7 @@ def _layer_entry(spec: QuantSpec, scales: Optional[LayerScales], snapshot, summa
         before, after, codes = snapshot.before, snapshot.after, snapshot.codes
         if spec.kind.arithmetic == INT8_KERNEL:
             before = _int8_before_quant(codes, output_scale)
-    return {
+    entry = {
         "layer_idx": summary["layer_idx"],
         "effective_scale": effective_scale,
         "output_scale": output_scale,
@@ -170,6 +177,19 @@ def _layer_entry(spec: QuantSpec, scales: Optional[LayerScales], snapshot, summa
         "weight_scale": scales.weight if scales is not None else None,
         "bias_scale": scales.bias if scales is not None else None,
         "stats": {key: value for key, value in summary.items() if key != "layer_idx"},
+    }
+    if segments:
+        entry["segments"] = [_segment_entry(spec, name, part, segment_scales) for name, part, segment_scales in segments]
+    return entry
+
+
+def _segment_entry(spec: QuantSpec, name: str, channels: slice, scales: LayerScales) -> dict:
+    return {
+        "name": name,
+        "channels": channels.stop - channels.start,
+        "input_scale": scales.input,
+        "output_scale": scales.output,
+        "effective_scale": quant_effective_scale(spec, scales.output) if spec.quantized else None,
     }
 
 

@@ -102,10 +102,7 @@ class FloatSimLM(HFLM):
                 kernel_math=args.kernel_math,
                 operand_rounding=args.operand_rounding,
                 scales=args.scales,
-                calib_data=args.calib_data,
-                calib_samples=args.calib_samples,
-                calib_seqlen=args.calib_seqlen,
-                percentile=args.percentile,
+                **args.calibration,
                 dtype=args.dtype,
                 device=str(self._device),
                 tokenizer=args.tokenizer,
@@ -157,13 +154,7 @@ class FloatSimLM(HFLM):
     def _calibrated_scales(self) -> Scales:
         """The scales load_model would have used for a quantized mode (the model was loaded in fp)."""
         args = self.floatsim_args
-        chosen = dict(
-            calib_data=args.calib_data,
-            calib_samples=args.calib_samples,
-            calib_seqlen=args.calib_seqlen,
-            percentile=args.percentile,
-        )
-        settings = CalibrationSettings(**{name: value for name, value in chosen.items() if value is not None})
+        settings = CalibrationSettings(**args.calibration)
         with data_parallel.main_process_first(self):
             progress = data_parallel.is_main_process(self)
             return cached_scales(args.model_id, self.model, self.tokenizer, settings, progress=progress)

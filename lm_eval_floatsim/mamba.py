@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .errors import ArgumentError
 from .kernels import fused_rms_norm
 from .modes import QuantSpec, format_layers
-from .quant import LayerScales
+from .quant import LayerScales, SegmentedScales
 from .selective_scan import selective_scan
 from .mamba2 import Mamba2Mixer
 from .sites import ConvSiLU
@@ -59,6 +59,12 @@ class MambaConfig:
     def conv_dim(self) -> int:
         """Channels of the Conv1D: x for Mamba-1, xBC for Mamba-2."""
         return self.d_inner + (2 * self.ngroups * self.d_state if self.mixer == "Mamba2" else 0)
+
+    def conv_segments(self) -> dict[str, int]:
+        """The Conv1D's channels in order, segment name -> width: x for Mamba-1, x, B and C for Mamba-2."""
+        if self.mixer != "Mamba2":
+            return {"x": self.d_inner}
+        return {"x": self.d_inner, "B": self.ngroups * self.d_state, "C": self.ngroups * self.d_state}
 
     @property
     def dt_rank_value(self) -> int:
@@ -200,11 +206,21 @@ class MambaLM(nn.Module):
             raise ArgumentError("scales", found, f"one entry per layer ({n_layer}) for mode={spec.mode}")
         if spec.layers is not None and spec.layers[-1] >= n_layer:
             raise ArgumentError("layers", format_layers(spec.layers), f"blocks of 0-{n_layer - 1} (the model has {n_layer})")
+        if scales is not None:
+            self._check_segments(scales)
         for layer in self.backbone.layers:
             i = layer.mixer.layer_idx
             layer.mixer.conv_silu = ConvSiLU(spec.for_layer(i), scales[i] if scales is not None else None)
         self.spec, self.scales = spec, scales
         return self
+
+    def _check_segments(self, scales) -> None:
+        segments = self.config.conv_segments()
+        for i, layer_scales in enumerate(scales):
+            if isinstance(layer_scales, SegmentedScales) and dict(zip(layer_scales.names, layer_scales.widths)) != segments:
+                found = ", ".join(f"{name} {width}" for name, width in zip(layer_scales.names, layer_scales.widths))
+                wanted = ", ".join(f"{name} {width}" for name, width in segments.items())
+                raise ArgumentError("scales", f"block {i}: segments {found}", f"this model's conv channels ({wanted})")
 
     @property
     def device(self) -> torch.device:

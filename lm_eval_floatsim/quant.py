@@ -42,6 +42,33 @@ class LayerScales:
     bias: float
 
 
+# How a block's conv input and output scales are chosen: one s_x and one s_y for the whole conv
+# (Quamba's, the default), or one per segment of a Mamba-2 conv's channels, x, B and C (Quamba2's).
+CONV_SCALES = ("conv", "xbc")
+
+
+@dataclass(frozen=True)
+class SegmentedScales:
+    """Per-block scales of a conv quantized in consecutive channel segments (conv_scales=xbc:
+    Mamba-2's x, B and C), each with its own s_x and s_y; s_w and s_b stay the whole conv's. The
+    conv is depthwise, so each segment is the Conv1D+SiLU step of its channels with its LayerScales."""
+
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+    inputs: tuple[float, ...]
+    outputs: tuple[float, ...]
+    weight: float
+    bias: float
+
+    def segments(self) -> list[tuple[str, slice, LayerScales]]:
+        """(name, its channels, its LayerScales) of every segment, in channel order."""
+        starts = np.cumsum((0,) + self.widths[:-1]).tolist()
+        return [
+            (name, slice(start, start + width), LayerScales(s_x, s_y, self.weight, self.bias))
+            for name, start, width, s_x, s_y in zip(self.names, starts, self.widths, self.inputs, self.outputs)
+        ]
+
+
 def round_half_away(t: torch.Tensor) -> torch.Tensor:
     # floor(|t| + 0.5) is wrong just below .5 ties in fp32. The fraction t - trunc(t) is exact, and
     # trunc of twice it is +-1 exactly when |fraction| >= 0.5 (0 for inf, whose fraction is NaN).

@@ -10,13 +10,13 @@ scales in the scales file (`calibration.Scales`, which stores scales per site).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
 from .modes import QuantSpec
-from .quant import LayerScales, Observer, conv_silu
+from .quant import LayerScales, Observer, SegmentedScales, conv_silu
 
 
 class ConvSiLU(nn.Module):
@@ -25,7 +25,7 @@ class ConvSiLU(nn.Module):
 
     scale_keys = ("input_scale", "output_scale", "weight_scale", "bias_scale")
 
-    def __init__(self, spec: QuantSpec, scales: Optional[LayerScales] = None):
+    def __init__(self, spec: QuantSpec, scales: Union[LayerScales, SegmentedScales, None] = None):
         super().__init__()
         self.spec, self.scales = spec, scales
 
@@ -40,11 +40,20 @@ class ConvSiLU(nn.Module):
     ) -> torch.Tensor:
         """SiLU(conv1d(x)) of channels-last x; padding (mask 0) counts as zeros in and out. With a
         decoding state, x continues the sequences whose last conv inputs `state.conv[layer_idx]`
-        holds, and leaves x's last inputs there."""
+        holds, and leaves x's last inputs there. Segmented scales quantize each segment's channels
+        with its own; the observer sees the segments one after the other, x first, so a dump's
+        values come from x's channels."""
         left_context = state.conv[layer_idx] if state is not None else None
         weight = conv1d.weight[:, 0, :]
         bias = conv1d.bias if conv1d.bias is not None else weight.new_zeros(weight.shape[0])
-        out = conv_silu(x, weight, bias, self.spec, self.scales, observer, left_context, mask)
+        if self.spec.quantized and isinstance(self.scales, SegmentedScales):
+            out = torch.cat([
+                conv_silu(x[..., part], weight[part], bias[part], self.spec, scales, observer,
+                          None if left_context is None else left_context[..., part], mask)
+                for _, part, scales in self.scales.segments()
+            ], dim=-1)
+        else:
+            out = conv_silu(x, weight, bias, self.spec, self.scales, observer, left_context, mask)
         if state is not None:
             state.conv[layer_idx] = _last_conv_inputs(left_context, x, mask)
         return out

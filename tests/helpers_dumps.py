@@ -5,7 +5,7 @@ import torch
 
 from lm_eval_floatsim.dump_command import write_mode_dumps
 from lm_eval_floatsim.mamba import MambaConfig, MambaLM
-from lm_eval_floatsim.quant import LayerScales, QuantSpec
+from lm_eval_floatsim.quant import LayerScales, QuantSpec, SegmentedScales
 
 N_LAYER = 24
 VOCAB = 64
@@ -59,3 +59,38 @@ def write_good_dumps(folder, modes=ALL_MODES, dump_n=10, n_layer=N_LAYER, length
     scales = absmax_scales(model, input_ids)
     specs = [QuantSpec(mode) for mode in modes]
     return dict(zip(modes, write_mode_dumps(model, input_ids, specs, scales, folder, dump_n, META)))
+
+
+def write_segmented_dumps(folder, modes=("int8", "same", "better"), n_layer=3) -> dict:
+    """Dumps of one forward of a tiny random Mamba-2 whose conv is quantized in its segments x, B
+    and C (conv_scales=xbc), with absmax scales per segment: {mode: path}."""
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=16, n_layer=n_layer, vocab_size=VOCAB, d_state=4, mixer="Mamba2", headdim=8, ngroups=2,
+                         mixer_rms_eps=1e-5)
+    model, input_ids = MambaLM(config).eval(), tiny_input()
+    segments = config.conv_segments()
+    widths, start = tuple(segments.values()), config.d_inner  # in_proj's output: z, xBC, dt
+    inputs, outputs = {}, {}
+
+    class OutputAbsmax:
+        def layer(self, layer_idx, mask):
+            return lambda before, *rest: outputs.__setitem__(layer_idx, [t.abs().max().item() for t in before.split(widths, -1)])
+
+    hooks = [
+        layer.mixer.in_proj.register_forward_hook(lambda module, args, out, i=i: inputs.__setitem__(
+            i, [t.abs().max().item() for t in out[..., start : start + config.conv_dim].split(widths, -1)]))
+        for i, layer in enumerate(model.backbone.layers)
+    ]
+    model.recorder = OutputAbsmax()
+    with torch.no_grad():
+        model(input_ids)
+    model.recorder = None
+    for hook in hooks:
+        hook.remove()
+    scales = []
+    for i, layer in enumerate(model.backbone.layers):
+        conv = layer.mixer.conv1d
+        scales.append(SegmentedScales(tuple(segments), widths, tuple(v / 127 for v in inputs[i]), tuple(v / 127 for v in outputs[i]),
+                                      conv.weight.abs().max().item() / 127, conv.bias.abs().max().item() / 127))
+    specs = [QuantSpec(mode) for mode in modes]
+    return dict(zip(modes, write_mode_dumps(model, input_ids, specs, scales, folder, 40, META)))

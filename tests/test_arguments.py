@@ -49,6 +49,7 @@ BAD_ARGUMENTS = [
     ({"asic_dtype": "float8"}, "asic_dtype", "one of float32, float16, bfloat16"),
     ({"kernel_math": "fastest"}, "kernel_math", "one of exact, fast"),
     ({"operand_rounding": "down"}, "operand_rounding", "one of half_away, half_even"),
+    ({"conv_scales": "per_channel"}, "conv_scales", "one of conv, xbc"),
     ({"layers": -1}, "layers", "block indices and ranges joined by +"),
     ({"revision": "v1", "pretrained": "model"}, "revision", "no revision: pretrained=model is a local folder"),
     ({"batch_size": "large"}, "batch_size", "an integer >= 1, auto or auto:N"),

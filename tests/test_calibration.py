@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_calibration import random_texts, tiny_model, tiny_tokenizer
+from helpers_calibration import random_texts, tiny_mamba2, tiny_model, tiny_tokenizer
 from lm_eval_floatsim import calibration
 from lm_eval_floatsim.calibration import (
     CalibrationSettings,
@@ -31,21 +31,27 @@ from lm_eval_floatsim.calibration import (
     upper_quantile,
 )
 from lm_eval_floatsim.errors import ArgumentError, InputError
-from lm_eval_floatsim.quant import LayerScales, QuantSpec
+from lm_eval_floatsim.quant import LayerScales, QuantSpec, SegmentedScales
 
 
 @torch.no_grad()
-def float64_reference(model, tokenizer, texts, seqlen, percentile):
-    """(s_x, s_y, s_w, s_b) per block, from SPEC §2's definitions, in float64."""
-    n_layer, d_inner = model.config.n_layer, model.config.d_inner
+def float64_reference(model, tokenizer, texts, seqlen, percentile, widths=None):
+    """(s_x, s_y, s_w, s_b) per block, from SPEC §2's definitions, in float64; with `widths` (the
+    conv's channel segments, conv_scales=xbc) a list of them per block, s_x and s_y per segment."""
+    config = model.config
+    n_layer, conv_dim = config.n_layer, config.conv_dim
+    # in_proj's output: (x, z) for Mamba-1, (z, xBC, dt) for Mamba-2.
+    start = config.d_inner if config.mixer == "Mamba2" else 0
+    widths = widths or (conv_dim,)
     captured = {}
     hooks = [
         layer.mixer.in_proj.register_forward_hook(
-            lambda module, inputs, output, i=i: captured.__setitem__(i, output[..., :d_inner].double())
+            lambda module, inputs, output, i=i: captured.__setitem__(i, output[..., start : start + conv_dim].double())
         )
         for i, layer in enumerate(model.backbone.layers)
     ]
-    absmax, quantiles = [0.0] * n_layer, [[] for _ in range(n_layer)]
+    absmax = [[0.0] * len(widths) for _ in range(n_layer)]
+    quantiles = [[[] for _ in widths] for _ in range(n_layer)]
     try:
         for text in texts:
             ids = tokenizer(text)["input_ids"][:seqlen]
@@ -55,22 +61,26 @@ def float64_reference(model, tokenizer, texts, seqlen, percentile):
             for i, x in captured.items():
                 conv = model.backbone.layers[i].mixer.conv1d
                 length, taps = x.shape[1], conv.weight.shape[-1]
-                pre = F.conv1d(x.transpose(1, 2), conv.weight.double(), conv.bias.double(), padding=taps - 1, groups=d_inner)
-                y = pre[..., :length] * torch.sigmoid(pre[..., :length])
-                absmax[i] = max(absmax[i], x.abs().max().item())
-                quantiles[i].append(float(np.quantile(y.abs().numpy().ravel(), percentile)))
+                pre = F.conv1d(x.transpose(1, 2), conv.weight.double(), conv.bias.double(), padding=taps - 1, groups=conv_dim)
+                y = (pre[..., :length] * torch.sigmoid(pre[..., :length])).transpose(1, 2)
+                for k, (x_k, y_k) in enumerate(zip(x.split(widths, -1), y.split(widths, -1))):
+                    absmax[i][k] = max(absmax[i][k], x_k.abs().max().item())
+                    quantiles[i][k].append(float(np.quantile(y_k.abs().numpy().ravel(), percentile)))
     finally:
         for hook in hooks:
             hook.remove()
     expected = []
     for i, layer in enumerate(model.backbone.layers):
-        w = quantiles[i][0]
-        for q in quantiles[i][1:]:
-            w += 0.01 * (q - w)
         conv = layer.mixer.conv1d
-        values = (absmax[i], w, conv.weight.double().abs().max().item(), conv.bias.double().abs().max().item())
-        expected.append(tuple(float(np.float32(v / 127)) for v in values))
-    return expected, quantiles
+        segments = []
+        for k in range(len(widths)):
+            w = quantiles[i][k][0]
+            for q in quantiles[i][k][1:]:
+                w += 0.01 * (q - w)
+            values = (absmax[i][k], w, conv.weight.double().abs().max().item(), conv.bias.double().abs().max().item())
+            segments.append(tuple(float(np.float32(v / 127)) for v in values))
+        expected.append(segments if len(widths) > 1 else segments[0])
+    return expected, [per_segment[0] for per_segment in quantiles]
 
 
 def assert_scales_match(layers, expected):
@@ -100,6 +110,27 @@ def test_calibrate_matches_float64_reference():
     assert max(quantiles[0]) / min(quantiles[0]) > 1.05
     assert_scales_match(layers, expected)
     assert all(np.float32(v) == v for s in layers for v in (s.input, s.output, s.weight, s.bias))
+
+
+def test_conv_scales_xbc_calibrates_each_segment_of_a_mamba2_conv_alone():
+    model, tokenizer = tiny_mamba2(), tiny_tokenizer()
+    texts = random_texts(5, [40, 25, 33])
+    layers = calibrate(model, tokenizer, texts, 40, 0.9995, progress=False, conv_scales="xbc")
+    widths = (model.config.d_inner, 8, 8)  # x, then B and C: ngroups 2 x d_state 4 each
+    expected, _ = float64_reference(model, tokenizer, texts, 40, 0.9995, widths)
+    for got, segments in zip(layers, expected, strict=True):
+        assert isinstance(got, SegmentedScales) and got.names == ("x", "B", "C") and got.widths == widths
+        assert_scales_match([segment for _, _, segment in got.segments()], segments)
+        # The segments' ranges differ, or one scale for all would pass too.
+        assert len({s_y for _, s_y, _, _ in segments}) == 3
+    whole = calibrate(model, tokenizer, texts, 40, 0.9995, progress=False)
+    assert_scales_match(whole, float64_reference(model, tokenizer, texts, 40, 0.9995)[0])
+
+
+def test_conv_scales_xbc_is_refused_for_a_conv_of_x_only():
+    with pytest.raises(ArgumentError, match="conv_scales=.xbc.* Mamba1 conv holds x only"):
+        calibration.check_conv_scales("xbc", tiny_model().config, "some/model")
+    calibration.check_conv_scales("conv", tiny_model().config, "some/model")
 
 
 def test_first_sample_initializes_the_ema():
@@ -368,6 +399,57 @@ def test_scales_load_rejects_bad_content(tmp_path, name, version):
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+def segmented_scales():
+    layers = [SegmentedScales(("x", "B", "C"), (32, 8, 8), (0.1, 0.2, 0.3), (0.01, 0.02, 0.03), 0.004, 0.5)] * 2
+    return Scales("some/mamba2", {"calib_data": "calib.txt", "conv_scales": "xbc"}, layers)
+
+
+def test_segmented_scales_round_trip(tmp_path):
+    scales = segmented_scales()
+    path = scales.save(tmp_path / "scales.json")
+    data = json.loads(path.read_text())
+    f = lambda value: float(np.float32(value))  # noqa: E731 - stored as fp32 values
+    assert data["layers"][1] == {"layer_idx": 1, "conv_silu": {"weight_scale": f(0.004), "bias_scale": 0.5, "segments": [
+        {"name": "x", "channels": 32, "input_scale": f(0.1), "output_scale": f(0.01)},
+        {"name": "B", "channels": 8, "input_scale": f(0.2), "output_scale": f(0.02)},
+        {"name": "C", "channels": 8, "input_scale": f(0.3), "output_scale": f(0.03)},
+    ]}}
+    loaded = Scales.load(path)
+    assert loaded == scales and loaded.sha256 == canonical_sha256({k: v for k, v in data.items() if k != "sha256"})
+    assert [(name, part, segment.input) for name, part, segment in loaded.layers[0].segments()] == [
+        ("x", slice(0, 32), f(0.1)), ("B", slice(32, 40), f(0.2)), ("C", slice(40, 48), f(0.3))]
+
+
+def segment_mutations():
+    def segment(key, value, k=1):
+        return lambda site: site["segments"][k].__setitem__(key, value)
+
+    return {
+        "zero channels": segment("channels", 0),
+        "float channels": segment("channels", 8.0),
+        "no name": segment("name", ""),
+        "twice the same name": segment("name", "x"),
+        "negative scale": segment("output_scale", -0.5),
+        "not fp32": segment("input_scale", 0.1),
+        "missing scale": lambda site: site["segments"][2].pop("output_scale"),
+        "one segment": lambda site: site.__setitem__("segments", site["segments"][:1]),
+        "segments not a list": lambda site: site.__setitem__("segments", {"x": 1}),
+        "no weight scale": lambda site: site.pop("weight_scale"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(segment_mutations()))
+def test_scales_load_rejects_bad_segments(tmp_path, name):
+    path = segmented_scales().save(tmp_path / "scales.json")
+    data = json.loads(path.read_text())
+    segment_mutations()[name](data["layers"][1]["conv_silu"])
+    data["sha256"] = canonical_sha256({k: v for k, v in data.items() if k != "sha256"})
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"layers\[1\]\.conv_silu") as error:
+        Scales.load(path)
+    assert "\n" not in str(error.value)
+
+
 def test_scales_load_rejects_edited_or_truncated_files(tmp_path):
     path = sample_scales().save(tmp_path / "scales.json")
     text = path.read_text()
@@ -468,6 +550,20 @@ def test_weights_fingerprint_sees_every_parameter():
     with torch.no_grad():
         model.backbone.layers[2].mixer.D[3] += 1e-6
     assert calibration.weights_sha256(model) != before
+
+
+def test_conv_scales_is_recorded_only_when_it_is_not_the_default():
+    """Scales files and caches written before conv_scales existed keep their settings and sha256;
+    xbc scales are another cache entry."""
+    assert "conv_scales" not in CalibrationSettings().record()
+    assert CalibrationSettings(conv_scales="xbc").record()["conv_scales"] == "xbc"
+    assert calibration.recorded_setting({}, "conv_scales") == "conv"
+    model = tiny_mamba2()
+    per_conv = calibration.scales_settings(CalibrationSettings(calib_data="calib.txt"), model, None)
+    per_segment = calibration.scales_settings(CalibrationSettings(calib_data="calib.txt", conv_scales="xbc"), model, None)
+    assert calibration.cache_path("m", per_conv, "c") != calibration.cache_path("m", per_segment, "c")
+    with pytest.raises(ArgumentError, match="conv_scales"):
+        CalibrationSettings(conv_scales="per_channel")
 
 
 def test_the_same_weights_under_another_mixer_are_another_cache_entry():

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from helpers_dumps import write_good_dumps
+from helpers_dumps import write_good_dumps, write_segmented_dumps
 from lm_eval_floatsim.checks import run_checks
 from lm_eval_floatsim.cli import main
 
@@ -277,3 +277,27 @@ def test_a_dump_of_a_run_that_computed_nothing_says_why(dumps, capsys):
     assert code == 1
     line = next(line for line in failed_lines(out.out) if line.startswith(f"✗ {INT8}: no nulls"))
     assert "the run computed no forward" in line and "--use_cache" in line
+
+
+def test_dumps_of_a_conv_quantized_in_segments_are_checked_segment_by_segment(tmp_path, capsys):
+    paths = write_segmented_dumps(tmp_path)
+    int8 = json.loads(paths["int8"].read_text())
+    layer = int8["layers"][0]
+    assert [(segment["name"], segment["channels"]) for segment in layer["segments"]] == [("x", 32), ("B", 8), ("C", 8)]
+    # The dumped values are x's (40 values of 16 positions: its first 3 channels), on x's grid.
+    assert layer["output_scale"] == layer["segments"][0]["output_scale"] != layer["segments"][1]["output_scale"]
+    code, out = check(tmp_path, capsys)
+    assert code == 0, out.out
+
+    def wrong_b(dump):
+        dump["layers"][1]["segments"][1]["effective_scale"] *= 2
+
+    edit(tmp_path, "floatsim_betterscale_2025.json", wrong_b)
+    edit(tmp_path, "floatsim_samescale.json", lambda dump: dump["layers"][2]["segments"][2].__setitem__("output_scale", 1.0))
+    code, out = check(tmp_path, capsys)
+    failures = failed_lines(out.out)
+    assert code == 1
+    assert any(line.startswith("✗ floatsim_betterscale_2025.json: effective scale:") and "layer 1: segment B: " in line
+               for line in failures), failures
+    assert any(line.startswith("✗ all files: one output scale per layer:") and "layer 2" in line and "segment C: 1.0" in line
+               for line in failures), failures

@@ -78,35 +78,56 @@ def test_fp_gives_the_stock_hf_models_loglikelihoods_and_generations(model_files
 
 @pytest.mark.parametrize("family", ["FalconMamba", "Mamba2"])
 def test_a_checkpoint_of_the_mamba_family_in_every_mode(task_manager, tmp_path, monkeypatch, family):
-    """FalconMamba and Mamba-2 as transformers writes them: fp gives lm-eval's own hf model's
-    loglikelihoods and generations; int8, same and better write dumps of every layer that `check` passes."""
+    """FalconMamba and Mamba-2 as transformers writes them (and Mamba-2 as mamba_ssm does): fp gives
+    lm-eval's own hf model's loglikelihoods and generations; int8, same and better write dumps of
+    every layer that `check` passes (Mamba-2 also with conv_scales=xbc)."""
     import lm_eval
     import transformers
 
-    from helpers_models import PADDED_VOCAB, random_hf_model, save_tokenizer, save_transformers_layout
+    from helpers_models import PADDED_VOCAB, random_hf_model, save_mamba_ssm_layout, save_tokenizer, save_transformers_layout
     from lm_eval_floatsim import checks
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     options = dict(hidden_size=32, num_hidden_layers=2, vocab_size=PADDED_VOCAB, state_size=8, initializer_range=0.02)
     if family == "Mamba2":
-        options.update(head_dim=16, num_heads=4, n_groups=2)
+        options.update(head_dim=16, num_heads=4, n_groups=2, tie_word_embeddings=True)  # mamba_ssm's layout ties them
     config = getattr(transformers, f"{family}Config")(**options)
-    folder = save_transformers_layout(random_hf_model(config), tmp_path / "falcon")
-    save_tokenizer(folder)
+    model = random_hf_model(config)
+    folder = save_transformers_layout(model, tmp_path / "hf")
+    folders = [folder]
+    if family == "Mamba2":  # mamba_ssm writes Mamba-2 checkpoints too (FalconMamba has no such layout)
+        folders.append(save_mamba_ssm_layout(model, tmp_path / "ssm", pad_vocab_size_multiple=1))
+    for checkpoint in folders:
+        save_tokenizer(checkpoint)
     tasks = ("floatsim_lambada", "floatsim_generate")
     stock = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(folder), "dtype": "float32"}, device="cpu", batch_size=1,
         tasks=list(tasks), task_manager=task_manager, limit=LIMIT, log_samples=True, bootstrap_iters=0,
     )
-    ours = evaluate(floatsim(folder, tmp_path / "fp", mode="fp", batch_size=4), task_manager, tasks=tasks)
-    # As for Mamba-1 above: two implementations of the same fp32 model, ~1e-6 relative.
-    assert [r[0] for r in responses(ours, "floatsim_lambada")] == pytest.approx([r[0] for r in responses(stock, "floatsim_lambada")], abs=1e-4)
-    assert responses(ours, "floatsim_generate") == responses(stock, "floatsim_generate")
+    for checkpoint in folders:
+        ours = evaluate(floatsim(checkpoint, tmp_path / "fp", mode="fp", batch_size=4), task_manager, tasks=tasks)
+        # As for Mamba-1 above: two implementations of the same fp32 model, ~1e-6 relative.
+        expected = [r[0] for r in responses(stock, "floatsim_lambada")]
+        assert [r[0] for r in responses(ours, "floatsim_lambada")] == pytest.approx(expected, abs=1e-4), checkpoint.name
+        assert responses(ours, "floatsim_generate") == responses(stock, "floatsim_generate"), checkpoint.name
     calibration = {"calib_data": str(DOCS), "calib_samples": 6, "calib_seqlen": 64}
     for mode in ("int8", "same", "better"):
         evaluate(floatsim(folder, tmp_path / "dumps", mode=mode, batch_size=4, **calibration), task_manager, tasks=("floatsim_lambada",))
     files = checks.load_dumps(tmp_path / "dumps")
     assert sorted(file.mode for file in files) == ["better", "int8", "same"] and all(len(file.layers) == 2 for file in files)
+    results = checks.check_dumps(files)
+    assert all(result.ok for result in results), [result.line() for result in results if not result.ok]
+    if family != "Mamba2":
+        with pytest.raises(ArgumentError, match="conv_scales=.xbc.*FalconMamba conv holds x only"):
+            floatsim(folder, tmp_path / "xbc", mode="int8", conv_scales="xbc", **calibration)
+        return
+    # conv_scales=xbc: x, B and C each with their own scales, in every mode and through check.
+    for mode in ("int8", "same", "better"):
+        evaluate(floatsim(folder, tmp_path / "xbc", mode=mode, batch_size=4, conv_scales="xbc", **calibration), task_manager,
+                 tasks=("floatsim_lambada",))
+    files = checks.load_dumps(tmp_path / "xbc")
+    segments = [[(s["name"], s["channels"]) for s in layer["segments"]] for file in files for layer in file.layers]
+    assert segments == [[("x", 64), ("B", 16), ("C", 16)]] * 6 and files[0].config["calibration"]["conv_scales"] == "xbc"
     results = checks.check_dumps(files)
     assert all(result.ok for result in results), [result.line() for result in results if not result.ok]
 

@@ -10,6 +10,7 @@ test_loading.py, max|a-b|/max|b| < 1e-5 (about 100 ulps of the largest value).
 from __future__ import annotations
 
 import os
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers_models import TOKENIZER_VOCAB, make_checkpoint  # noqa: E402
+from lm_eval_floatsim.errors import ArgumentError  # noqa: E402
 from lm_eval_floatsim.loading import load_pretrained  # noqa: E402
 from lm_eval_floatsim.mamba import MambaConfig, MambaLM  # noqa: E402
-from lm_eval_floatsim.quant import LayerScales, QuantSpec  # noqa: E402
+from lm_eval_floatsim.quant import LayerScales, QuantSpec, SegmentedScales  # noqa: E402
 from lm_eval_floatsim import selective_scan as selective_scan_module  # noqa: E402
 from lm_eval_floatsim.selective_scan import selective_scan  # noqa: E402
 
@@ -221,8 +223,6 @@ def test_quantized_modes_stay_near_fp(model, mode):
 
 
 def test_quantize_requires_one_scale_per_layer(model):
-    from lm_eval_floatsim.errors import ArgumentError
-
     with pytest.raises(ArgumentError, match="one entry per layer"):
         model.quantize(QuantSpec("same"), layer_scales(model)[:-1])
 
@@ -289,8 +289,6 @@ def test_quantize_installs_each_blocks_site_and_keeps_the_checkpoint_layout(mode
 
 
 def test_layers_beyond_the_model_are_refused(model):
-    from lm_eval_floatsim.errors import ArgumentError
-
     with pytest.raises(ArgumentError, match=r"^layers='1\+3' is not allowed: expected blocks of 0-2 \(the model has 3\)$"):
         model.quantize(QuantSpec("same", layers=(1, 3)), layer_scales(model))
 
@@ -333,13 +331,14 @@ def test_untied_embeddings_keep_their_own_lm_head():
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def assert_cuda_forward_matches_the_cpu(model, spec: QuantSpec) -> None:
-    """A left-padded batch through copies of `model` in `spec` on CUDA and on the CPU: the real
-    positions' logits agree to PARITY."""
+def assert_cuda_forward_matches_the_cpu(model, spec: QuantSpec, scales=None) -> None:
+    """A left-padded batch through copies of `model` in `spec` (with `scales`, else simple ones) on
+    CUDA and on the CPU: the real positions' logits agree to PARITY."""
     import copy
 
     ids, mask = left_padded([random_ids(1, 20)[0], random_ids(1, 13)[0]])
-    scales = layer_scales(model) if spec.quantized else None
+    if scales is None and spec.quantized:
+        scales = layer_scales(model)
     gpu = copy.deepcopy(model).cuda().quantize(spec, scales)
     cpu = copy.deepcopy(model).quantize(spec, scales)
     with torch.no_grad():
@@ -411,11 +410,12 @@ def mamba2_model(seed: int = 0) -> MambaLM:
     return model
 
 
-def test_mamba2_scan_against_a_float64_recurrence():
+@pytest.mark.parametrize("length", [1, 9, 150])  # one step; one chunk of 64 (padded); three chunks, the last padded
+def test_mamba2_scan_against_a_float64_recurrence(length):
     from lm_eval_floatsim.mamba2 import ssd_scan
 
     gen = torch.Generator().manual_seed(4)
-    batch, length, nheads, headdim, ngroups, d_state = 2, 9, 4, 3, 2, 5
+    batch, nheads, headdim, ngroups, d_state = 2, 4, 3, 2, 5
     x = torch.randn(batch, length, nheads, headdim, generator=gen)
     dt = torch.rand(batch, length, nheads, generator=gen)
     A, D = -torch.rand(nheads, generator=gen) * 2, torch.randn(nheads, generator=gen)
@@ -432,7 +432,8 @@ def test_mamba2_scan_against_a_float64_recurrence():
                 h = torch.exp(dt[b, t, i].double() * A[i].double()) * h + dt[b, t, i].double() * torch.outer(x[b, t, i].double(), B[b, t, g].double())
                 expected[b, t, i] = h @ C[b, t, g].double() + D[i].double() * x[b, t, i].double()
             assert torch.allclose(last[b, i].double(), h, rtol=1e-5, atol=1e-6)
-    # fp32 recurrence over 9 steps of O(1) values: a few ulps per step.
+    # fp32 sums of O(1) terms, chunk by chunk, and decays whose exponents are sums of their own
+    # terms: a few ulps each (measured: 1.4e-7 of the largest |y| at 150 positions).
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -447,9 +448,32 @@ def test_mamba2_decoding_with_state_and_left_padding_match_the_full_forward():
         assert relative_error(model(padded, mask=mask)[1, 4:], model(short)[0]) < PARITY
 
 
+def segmented_scales(model) -> list[SegmentedScales]:
+    """Scales per segment x, B, C of a Mamba-2 conv (conv_scales=xbc), each its own."""
+    segments = model.config.conv_segments()
+    return [SegmentedScales(tuple(segments), tuple(segments.values()), (0.05, 0.1, 0.02), (0.02, 0.04, 0.01), s.weight, s.bias)
+            for s in layer_scales(model)]
+
+
+def test_mamba2_with_scales_per_segment_decodes_step_by_step_as_it_computes_the_whole():
+    """Each segment's conv continues from its own channels of the decoding state."""
+    model = mamba2_model().quantize(QuantSpec("int8"), segmented_scales(mamba2_model()))
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        full = model(ids)
+    assert relative_error(decoded(model, ids, 5), full) < PARITY
+
+
+def test_scales_per_segment_must_fit_the_models_conv():
+    scales = segmented_scales(mamba2_model())
+    wrong = [SegmentedScales(("x", "B", "C"), (32, 4, 12), *astuple(s)[2:]) for s in scales]
+    with pytest.raises(ArgumentError, match=r"scales='block 0: segments x 32, B 4, C 12'.*\(x 32, B 8, C 8\)"):
+        mamba2_model().quantize(QuantSpec("same"), wrong)
+
+
 @pytest.fixture
-def recurrence_on_cuda(monkeypatch):
-    """Mamba-2's scan as the CPU computes it (step by step in fp32), also on CUDA."""
+def torch_scan_on_cuda(monkeypatch):
+    """Mamba-2's scan as the CPU computes it (`mamba2.chunked_scan`), also on CUDA."""
     from lm_eval_floatsim import mamba2
 
     monkeypatch.setattr(mamba2, "mamba_ssm_chunk_scan", lambda: None)
@@ -457,12 +481,20 @@ def recurrence_on_cuda(monkeypatch):
 
 @cuda_only
 @pytest.mark.parametrize("mode", ["fp", "int8", "same"])
-def test_cuda_mamba2_forward_matches_the_cpu_forward(mode, recurrence_on_cuda):
+def test_cuda_mamba2_forward_matches_the_cpu_forward(mode, torch_scan_on_cuda):
     assert_cuda_forward_matches_the_cpu(mamba2_model(), QuantSpec(mode))
 
 
 @cuda_only
-def test_cuda_mamba2_decoding_with_state_matches_the_full_forward(recurrence_on_cuda):
+@pytest.mark.parametrize("mode", ["int8", "better"])
+def test_cuda_mamba2_with_scales_per_segment_matches_the_cpu_forward(mode, torch_scan_on_cuda):
+    """conv_scales=xbc: the fused kernel runs once per segment, on strided channel slices."""
+    model = mamba2_model()
+    assert_cuda_forward_matches_the_cpu(model, QuantSpec(mode), segmented_scales(model))
+
+
+@cuda_only
+def test_cuda_mamba2_decoding_with_state_matches_the_full_forward(torch_scan_on_cuda):
     model = mamba2_model().cuda()
     ids = random_ids(2, 12).cuda()
     with torch.no_grad():

