@@ -1,15 +1,16 @@
 """Every patch of lm-eval's internals that `mamba_floatsim` installs, and the logger it writes to.
 
 Each patch was checked against lm-eval 0.4.13; none is installed on import (FloatSimLM's
-constructor and `_loglikelihood_tokens` install them):
+constructor and `_loglikelihood_tokens` install them, `sweep` the last):
 - `capturing_padding`: wraps `pad_and_concat` in HFLM's module while `_loglikelihood_tokens` runs,
   restoring what it found after;
 - `install_results_hook`: wraps `EvaluationTracker.save_results_aggregated`, once per process;
 - `install_one_line_user_errors`: wraps `sys.excepthook`, once per process;
 - `evaluating_repeatedly` (sweep and sensitivity, for the duration of their evaluations): replaces
   `lm_eval.api.metrics.bootstrap_stderr`, `lm_eval.evaluator.add_env_info` and
-  `Task.build_all_requests`, restoring them after; `task_manager_with_metadata` copies a TaskManager
-  with another `_factory` (`lm_eval.tasks._factory.TaskFactory`).
+  `Task.build_all_requests` (reading `Task._instances`, `fewshot_rnd`, `dump_config()`),
+  restoring them after; `task_manager_with_metadata` copies a TaskManager with another `_factory`
+  (`lm_eval.tasks._factory.TaskFactory`).
 Where an lm-eval lacks what the first two patch, they warn once instead of failing.
 
 `lm_model.FloatSimLM` also relies on HFLM's private members (lm-eval 0.4.13), without patching them:
@@ -17,8 +18,9 @@ Where an lm-eval lacks what the first two patch, they warn once instead of faili
   `_world_size` (`data_parallel.use_all_processes`; `_world_size` also in `data_parallel.run_alone`),
   and reads `_device` and `accelerator`;
 - it overrides `_get_config`, `_create_tokenizer`, `_create_model`, `_detect_batch_size`,
-  `_encode_pair`, `_loglikelihood_tokens`, `_model_call` and `_model_generate` (besides the public `loglikelihood`,
-  `loglikelihood_rolling`, `generate_until`, `gather_object`, `set_cache_hook`, `get_model_info`).
+  `_encode_pair` (TemplateLM's), `_loglikelihood_tokens`, `_model_call` and `_model_generate`
+  (besides the public `loglikelihood`, `loglikelihood_rolling`, `generate_until`, `gather_object`,
+  `set_cache_hook`, `get_model_info`).
 `sweep` sets `EvaluationTracker.general_config_tracker.model_source` (what `lm_eval` records as the
 results' `model_source`) after simple_evaluate, which records a model object as "CUSTOM".
 """
@@ -151,7 +153,7 @@ def task_manager_with_metadata(task_manager, metadata: dict):
 
 
 @contextlib.contextmanager
-def evaluating_repeatedly(run_arguments=()):
+def evaluating_repeatedly(run_arguments):
     """While the block runs, each `simple_evaluate` after the first costs its forwards and metrics only.
 
     What lm-eval recomputes per evaluation although it is the same for every run of a sweep is

@@ -158,7 +158,7 @@ def evaluate_runs(lm, config, plan: list[PlannedRun], progress: bool = False):
     """Per planned run: switch the loaded model, evaluate, save as `lm_eval --output_path` saves.
 
     Yields (results, results file) in order; nothing on a data-parallel rank other than 0. The
-    task index, the tasks and their requests are built once (`lm_eval_patches.evaluating_repeatedly`).
+    task index and the tasks' requests are built once (`lm_eval_patches.evaluating_repeatedly`).
     """
     from .lm_eval_patches import evaluating_repeatedly
 
