@@ -32,7 +32,7 @@ import numpy as np
 CHUNK = 1000
 # Resamples whose picks are summed at once: keeps the working set in the CPU's caches.
 ROWS_PER_BLOCK = 64
-# Python's sum() of floats compensates its rounding errors from 3.12 on (CPython gh-100425).
+# Python's sum() of floats compensates its rounding errors from 3.12 on (Neumaier summation).
 COMPENSATED_SUM = sys.version_info >= (3, 12)
 
 

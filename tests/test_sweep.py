@@ -261,6 +261,7 @@ def test_sweep_saves_exactly_what_separate_lm_eval_runs_save(tmp_path, ppl_task,
     for mode in ("fp", "int8", "better,divisor=16"):
         lm_eval_command("--model", "mamba_floatsim", "--model_args", f"{tiny_model},mode={mode}", *task,
                         "--output_path", tmp_path / "separate")
+    assert len(calls["bootstrap"]) == 3  # the sweep put lm-eval's back: the reference is lm-eval's own
 
     swept, separate = saved_runs(tmp_path / "sweep"), saved_runs(tmp_path / "separate")
     assert len(separate) == 3 and swept.keys() == separate.keys()
