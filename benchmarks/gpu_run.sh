@@ -1,10 +1,12 @@
 #!/bin/bash
 # The GPU machine's side of the benchmarks (run from the repository root there, see docs/BENCHMARKS.md).
 #   bash benchmarks/gpu_run.sh bench     kernels' GPU tests, then gpu_bench.py    (carry .device/a)
-#   bash benchmarks/gpu_run.sh lm_eval   gpu_lm_eval.py: whole lm_eval runs     (carry .device/b)
+#   bash benchmarks/gpu_run.sh lm_eval   lm_eval_runs.py: lm_eval --model mamba_ssm vs mamba_floatsim per mode (carry .device/b)
+#   bash benchmarks/gpu_run.sh sweep     lm_eval_runs.py: one lm_eval run vs sweep (6 runs) vs sensitivity (26) (carry .device/c)
 #   bash benchmarks/gpu_run.sh all       both in one call, mamba-ssm without causal-conv1d (carry .device/b)
 # .device/a holds the kit's setup.sh and mamba-ssm + causal-conv1d; .device/b setup.sh, the
-# wheels and mamba-ssm (the kit's README: both kernels and the wheels exceed one call's 64 MiB).
+# wheels and mamba-ssm (the kit's README: both kernels and the wheels exceed one call's 64 MiB);
+# .device/c setup.sh and the wheels with matplotlib's added (sensitivity plots; docs/BENCHMARKS.md).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 out=${OUT:-/tmp/out}
@@ -21,7 +23,16 @@ case $1 in
     [ -d /tmp/site/mamba_ssm ] || source .device/b/setup.sh wheels mamba_ssm || exit 2
     [ -d /tmp/site/lm_eval ] || source .device/b/setup.sh wheels || exit 2
     export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH
-    python3 benchmarks/gpu_lm_eval.py bench --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_lm_eval.log"
+    timeout 590 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs modes --deadline-s 540 \
+      --out "$out" "${@:2}" 2>&1 | tee "$out/lm_eval_runs.log"
+    ;;
+  sweep)
+    [ -d /tmp/site/matplotlib ] || source .device/c/setup.sh wheels || exit 2
+    export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH
+    python3 -c "import lm_eval, matplotlib" || { echo "gpu_run.sh sweep: lm-eval or matplotlib missing: carry .device/c"; exit 2; }
+    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$out/nvidia_smi.txt"
+    timeout 590 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs sweep,sensitivity --deadline-s 540 \
+      --out "$out" "${@:2}" 2>&1 | tee "$out/lm_eval_runs.log"
     ;;
   all)
     source .device/b/setup.sh wheels mamba_ssm || exit 2
@@ -29,7 +40,7 @@ case $1 in
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
     timeout 120 python3 -m pytest -q -rs -s -k "not interpreter" tests/test_kernels.py tests/test_fast_path.py 2>&1 | tee "$out/pytest_kernels.log"
     timeout 240 python3 benchmarks/gpu_bench.py --out "$out" --iters 15 2>&1 | tee "$out/gpu_bench.log"
-    timeout 180 python3 benchmarks/gpu_lm_eval.py bench --out "$out" --docs 2000 2>&1 | tee "$out/gpu_lm_eval.log"
+    timeout 240 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs modes --rounds 1 --out "$out" --docs 2000 2>&1 | tee "$out/lm_eval_runs.log"
     ;;
-  *) echo "usage: $0 bench|lm_eval|all [args]"; exit 2 ;;
+  *) echo "usage: $0 bench|lm_eval|sweep|all [args]"; exit 2 ;;
 esac

@@ -1,11 +1,16 @@
 """Every patch of lm-eval's internals that `mamba_floatsim` installs, and the logger it writes to.
 
 Each patch was checked against lm-eval 0.4.13; none is installed on import (FloatSimLM's
-constructor and `_loglikelihood_tokens` install them):
+constructor and `_loglikelihood_tokens` install them, `sweep` the last):
 - `capturing_padding`: wraps `pad_and_concat` in HFLM's module while `_loglikelihood_tokens` runs,
   restoring what it found after;
 - `install_results_hook`: wraps `EvaluationTracker.save_results_aggregated`, once per process;
-- `install_one_line_user_errors`: wraps `sys.excepthook`, once per process.
+- `install_one_line_user_errors`: wraps `sys.excepthook`, once per process;
+- `evaluating_repeatedly` (sweep and sensitivity, for the duration of their evaluations): replaces
+  `lm_eval.api.metrics.bootstrap_stderr`, `lm_eval.evaluator.add_env_info` and
+  `Task.build_all_requests` (reading `Task._instances`, `fewshot_rnd`, `dump_config()`),
+  restoring them after; `task_manager_with_metadata` copies a TaskManager with another `_factory`
+  (`lm_eval.tasks._factory.TaskFactory`).
 Where an lm-eval lacks what the first two patch, they warn once instead of failing.
 
 `lm_model.FloatSimLM` also relies on HFLM's private members (lm-eval 0.4.13), without patching them:
@@ -13,17 +18,24 @@ Where an lm-eval lacks what the first two patch, they warn once instead of faili
   `_world_size` (`data_parallel.use_all_processes`; `_world_size` also in `data_parallel.run_alone`),
   and reads `_device` and `accelerator`;
 - it overrides `_get_config`, `_create_tokenizer`, `_create_model`, `_detect_batch_size`,
-  `_loglikelihood_tokens`, `_model_call` and `_model_generate` (besides the public `loglikelihood`,
-  `loglikelihood_rolling`, `generate_until`, `gather_object`, `set_cache_hook`, `get_model_info`).
+  `_encode_pair` (TemplateLM's), `_loglikelihood_tokens`, `_model_call` and `_model_generate`
+  (besides the public `loglikelihood`, `loglikelihood_rolling`, `generate_until`, `gather_object`,
+  `set_cache_hook`, `get_model_info`).
+`sweep` sets `EvaluationTracker.general_config_tracker.model_source` (what `lm_eval` records as the
+results' `model_source`) after simple_evaluate, which records a model object as "CUSTOM".
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
+import random
 import sys
 from typing import Callable
+
+import numpy as np
 
 from .errors import FloatSimError
 
@@ -116,3 +128,152 @@ def _one_line_user_errors(previous):
 
     excepthook.floatsim_one_line = True
     return excepthook
+
+
+# --- many evaluations in one process (sweep, sensitivity) ------------------------------------------
+
+
+def task_manager_with_metadata(task_manager, metadata: dict):
+    """`task_manager` (its task index shared, not rebuilt) building tasks with `metadata`, as
+    `TaskManager(metadata=metadata)` would.
+
+    Why: lm-eval gives every task the run's model arguments as metadata (`EvaluatorConfig` merges
+    `model_args | metadata`; the results record it under `configs`, custom dataset loaders
+    receive it), so each run of a sweep builds its tasks with its own; building the index is
+    what costs seconds.
+    """
+    import copy
+
+    from lm_eval.tasks._factory import TaskFactory
+
+    manager = copy.copy(task_manager)
+    manager.metadata = metadata
+    manager._factory = TaskFactory(meta=metadata)
+    return manager
+
+
+@contextlib.contextmanager
+def evaluating_repeatedly(run_arguments):
+    """While the block runs, each `simple_evaluate` after the first costs its forwards and metrics only.
+
+    What lm-eval recomputes per evaluation although it is the same for every run of a sweep is
+    computed once; what it computes slowly is computed faster; every result is the one lm-eval
+    computes (tests/test_sweep.py compares whole results files and samples with separate runs):
+    - `bootstrap_stderr` (a perplexity's standard error: ~10^8 Python random draws per run):
+      `bootstrap.bootstrap_stderr`, the same number bit for bit;
+    - `add_env_info` (pip, the GPU and git in subprocesses, about a second): the process's
+      environment, reported once and copied into every run's results;
+    - `Task.build_all_requests` (every document's prompt rendered): see `_requests_built_once`;
+      `run_arguments` are the model arguments the runs differ in, which a task's requests do
+      not depend on.
+    Restores what it replaced when the block ends. The tokenized requests are kept by FloatSimLM
+    (`_encode_pair`).
+    """
+    from lm_eval import evaluator
+    from lm_eval.api import metrics
+    from lm_eval.api.task import Task
+
+    from . import bootstrap
+
+    original_bootstrap = metrics.bootstrap_stderr
+    fast_bootstrap = functools.partial(bootstrap.bootstrap_stderr, original=original_bootstrap)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_replaced(metrics, "bootstrap_stderr", fast_bootstrap))
+        stack.enter_context(_replaced(evaluator, "add_env_info", _reported_once(evaluator.add_env_info)))
+        built_once = _requests_built_once(Task.build_all_requests, frozenset(run_arguments))
+        stack.enter_context(_replaced(Task, "build_all_requests", built_once))
+        yield
+
+
+@contextlib.contextmanager
+def _replaced(owner, name: str, replacement):
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _reported_once(add_env_info: Callable) -> Callable:
+    """`add_env_info(results)` that asks the environment once and then adds the same report."""
+    report: dict = {}
+
+    def add_reported_env_info(storage: dict) -> None:
+        if not report:
+            add_env_info(report)
+        storage.update(report)
+
+    return add_reported_env_info
+
+
+def _requests_built_once(build_all_requests: Callable, run_arguments: frozenset) -> Callable:
+    """`Task.build_all_requests` that renders a task's requests once and gives later calls copies.
+
+    A call is answered from an earlier one when the task is of the same class with the same
+    configuration (its metadata but for `run_arguments`) and the call's arguments are the same,
+    and when its few-shot generator and the global random generators are in the same state:
+    then it would build the same requests. The copies have empty responses.
+    """
+    built = _Replayed()
+
+    def build_requests_once(task, **kwargs):
+        key = (type(task), _configuration(task, run_arguments), repr(sorted(kwargs.items())), _fewshot_state(task))
+
+        def build():
+            build_all_requests(task, **kwargs)
+            return list(task._instances)
+
+        instances = built.call(key, build)
+        task._instances = [dataclasses.replace(instance, resps=[], filtered_resps={}) for instance in instances]
+
+    return build_requests_once
+
+
+def _configuration(task, run_arguments: frozenset) -> str:
+    config = dict(task.dump_config())
+    metadata = config.get("metadata")
+    if isinstance(metadata, dict):
+        config["metadata"] = {key: value for key, value in metadata.items() if key not in run_arguments}
+    return repr(config)
+
+
+def _fewshot_state(task):
+    generator = getattr(task, "fewshot_rnd", None)
+    return None if generator is None else generator.getstate()
+
+
+class _Replayed:
+    """Results of calls replayed when a call repeats with the random generators in the same state.
+
+    A replayed call leaves the generators (Python's, numpy's and torch's global ones) in the state
+    the call left them in, as if it had run again.
+    """
+
+    def __init__(self):
+        self._results: dict = {}
+
+    def call(self, key, compute: Callable):
+        key = (key, _generator_states())
+        if key not in self._results:
+            result = compute()
+            self._results[key] = (result, _generator_states())
+        result, after = self._results[key]
+        _set_generator_states(after)
+        return result
+
+
+def _generator_states() -> tuple:
+    import torch
+
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return random.getstate(), (name, keys.tobytes(), position, has_gauss, gauss), bytes(torch.get_rng_state().numpy())
+
+
+def _set_generator_states(states: tuple) -> None:
+    import torch
+
+    python, (name, keys, position, has_gauss, gauss), torch_state = states
+    random.setstate(python)
+    np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(torch.frombuffer(bytearray(torch_state), dtype=torch.uint8))

@@ -62,6 +62,7 @@ class FloatSimLM(HFLM):
         self._padding_mask: Optional[torch.Tensor] = None
         self._statistics_closed = False
         self._response_cache: Optional[dict] = None
+        self._encoded_pairs: dict = {}
         lm_eval_patches.install_results_hook(publishing.after_results_saved)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if data_parallel.launched() and torch.device(device).type == "cpu":
@@ -203,6 +204,13 @@ class FloatSimLM(HFLM):
         self._start_run_if_finished()
         return data_parallel.run_alone(self, method, requests, disable_tqdm)
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # A sweep evaluates the same requests in every run: each pair is tokenized once.
+        if (context, continuation) not in self._encoded_pairs:
+            self._encoded_pairs[(context, continuation)] = super()._encode_pair(context, continuation)
+        context_enc, continuation_enc = self._encoded_pairs[(context, continuation)]
+        return list(context_enc), list(continuation_enc)
+
     def _detect_batch_size(self, requests=None, pos: int = 0):
         # The probe's forwards are not part of the evaluation: no snapshot, no statistics, and no
         # CUDA graphs of batches that only test the memory.
@@ -281,8 +289,13 @@ class FloatSimLM(HFLM):
             warn_once("lm-eval did not gather results across ranks: the statistics are rank 0's only")
         self._statistics_closed = True
         args = self.floatsim_args
-        section = publishing.write_dump(self.recorder, self.spec, self.scales, args.model_id, args.dump_dir)
+        section = publishing.write_dump(self.recorder, self.spec, self._recorded_scales(), args.model_id, args.dump_dir)
         return {**section, "use_cache": self._response_cache}
+
+    def _recorded_scales(self) -> Optional[Scales]:
+        """The scales this run records: an `fp` run loads none unless given a scales file
+        (`api.load_model`), also when a sweep has calibrated this model for another mode."""
+        return self.scales if self.spec.quantized or self.floatsim_args.scales is not None else None
 
 
 def padding_mask(lengths: list[int], max_length: int, padding_side: str, device) -> Optional[torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 from . import compare
 from .errors import ArgumentError, InputError
-from .modes import format_layers, get_mode, is_quantized, parse_mode_list
+from .modes import format_divisor, format_layers, get_mode, is_quantized, parse_mode_list
 from .runs import load_run, run_label
 
 MODEL_NAME = "mamba_floatsim"
@@ -157,27 +157,40 @@ def evaluate_all(config, plan) -> list[Path]:
 def evaluate_runs(lm, config, plan: list[PlannedRun], progress: bool = False):
     """Per planned run: switch the loaded model, evaluate, save as `lm_eval --output_path` saves.
 
-    Yields (results, results file) in order; nothing on a data-parallel rank other than 0.
+    Yields (results, results file) in order; nothing on a data-parallel rank other than 0. The
+    task index and the tasks' requests are built once (`lm_eval_patches.evaluating_repeatedly`).
     """
+    from .lm_eval_patches import evaluating_repeatedly
+
+    task_index = config.process_tasks(config.metadata)
+    with evaluating_repeatedly(run_arguments=PlannedRun._fields):
+        yield from _evaluate_each(lm, config, plan, task_index, progress)
+
+
+def _evaluate_each(lm, config, plan, task_index, progress: bool):
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.utils import make_table
     from tqdm import tqdm
 
+    from .lm_eval_patches import task_manager_with_metadata
     from .publishing import results_file_of
 
-    task_manager = config.process_tasks(config.metadata)
     for run in tqdm(plan, desc="evaluations", unit="run", disable=not progress):
         label = run_label(run.mode, run.divisor, layers=run.layers)
         print(f"lm-eval-floatsim: evaluating {label}", file=sys.stderr)
         lm.switch_mode(run.mode, divisor=run.divisor, **({} if run.layers is None else {"layers": run.layers}))
         tracker = EvaluationTracker(**config.hf_hub_log_args)
         model_args = run_model_args(config.model_args, run.mode, run.divisor, run.layers)
-        results = lm_eval.simple_evaluate(model=lm, model_args=model_args, task_manager=task_manager,
-                                          evaluation_tracker=tracker, **simple_evaluate_options(config, label))
+        metadata = run_metadata(config, model_args)
+        results = lm_eval.simple_evaluate(model=lm, model_args=model_args,
+                                          task_manager=task_manager_with_metadata(task_index, metadata),
+                                          evaluation_tracker=tracker, **simple_evaluate_options(config, label, metadata))
         if results is None:  # not rank 0 of a data-parallel run: rank 0 saves
             continue
         results["config"]["model"] = MODEL_NAME
+        # simple_evaluate, given a model object, records its source as "CUSTOM"; `lm_eval` records the name.
+        tracker.general_config_tracker.model_source = MODEL_NAME
         save_results(tracker, results, config.log_samples)
         print(make_table(results))
         saved = results_file_of(tracker)
@@ -187,9 +200,25 @@ def evaluate_runs(lm, config, plan: list[PlannedRun], progress: bool = False):
 
 
 def run_model_args(model_args: dict, mode: str, divisor, layers=None) -> dict:
-    """The model arguments a separate `lm_eval` run of this mode would have had (recorded in the results)."""
-    chosen = {"mode": mode, **({} if divisor is None else {"divisor": divisor})}
-    return {**model_args, **chosen, **({} if layers is None else {"layers": format_layers(layers)})}
+    """The model arguments of a separate `lm_eval` run of this mode (recorded in the results): the
+    run's values spelled as in `--model_args` and parsed by lm-eval (`divisor=16` is the int 16)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    chosen = [f"mode={mode}"] + ([] if divisor is None else [f"divisor={format_divisor(divisor)}"])
+    chosen += [] if layers is None else [f"layers={format_layers(layers)}"]
+    return {**model_args, **simple_parse_args_string(",".join(chosen))}
+
+
+def run_metadata(config, model_args: dict) -> dict:
+    """The task metadata of a separate `lm_eval` run with these model arguments.
+
+    lm-eval's EvaluatorConfig merges `model_args | metadata` (--metadata); `config.metadata` holds
+    that merge for the sweep's own model arguments, from which --metadata's entries are taken back:
+    those that are not model arguments or that override one.
+    """
+    given = {key: value for key, value in config.metadata.items()
+             if key not in config.model_args or value != config.model_args[key]}
+    return model_args | given
 
 
 def run_cache_path(use_cache, label: str):
@@ -197,7 +226,7 @@ def run_cache_path(use_cache, label: str):
     return None if use_cache is None else f"{use_cache}_{re.sub(r'[^A-Za-z0-9.+-]+', '_', label)}"
 
 
-def simple_evaluate_options(config, label: str) -> dict:
+def simple_evaluate_options(config, label: str, metadata: dict) -> dict:
     """simple_evaluate's keyword arguments as lm-eval's own `run` command passes them, for one run."""
     cache = config.cache_requests or {}
     seeds = config.seed or [None] * 4
@@ -211,7 +240,7 @@ def simple_evaluate_options(config, label: str) -> dict:
         fewshot_as_multiturn=config.fewshot_as_multiturn, gen_kwargs=config.gen_kwargs, verbosity=config.verbosity,
         predict_only=config.predict_only, random_seed=seeds[0], numpy_random_seed=seeds[1],
         torch_random_seed=seeds[2], fewshot_random_seed=seeds[3],
-        confirm_run_unsafe_code=config.confirm_run_unsafe_code, metadata=config.metadata,
+        confirm_run_unsafe_code=config.confirm_run_unsafe_code, metadata=metadata,
     )
 
 

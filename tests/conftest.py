@@ -9,7 +9,8 @@ A session that uses neither starts nothing (pytest creates fixtures on demand).
 `model_files` (a 2-block checkpoint in both layouts with its scales, once per test module) and
 `task_manager` (lm-eval's index of the floatsim_* tasks) serve the tests of the lm-eval model.
 
-`task_dir` (a lambada-style task `sweep_lambada` of N_DOCS documents) and `tiny_model` (a random
+`task_dir` (a lambada-style task `sweep_lambada` of N_DOCS documents; `ppl_task` adds
+`sweep_lambada_ppl`, with perplexity) and `tiny_model` (a random
 3-block checkpoint with its calibration settings as model arguments) serve the commands that run
 many evaluations in one process, `sweep` and `sensitivity`.
 
@@ -70,6 +71,21 @@ def task_dir(tmp_path) -> Path:
                             for i in range(N_DOCS)))
     (folder / "sweep_lambada.yaml").write_text(TASK_YAML.format(data=data))
     return folder
+
+
+PERPLEXITY_TASK = TASK_YAML.replace("task: sweep_lambada", "task: sweep_lambada_ppl") + """  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+"""
+
+
+@pytest.fixture
+def ppl_task(task_dir):
+    """The sweep task again as `sweep_lambada_ppl`, with perplexity (a random model's accuracy is 0;
+    lm-eval bootstraps a perplexity's standard error)."""
+    data = task_dir / "docs.jsonl"
+    (task_dir / "sweep_lambada_ppl.yaml").write_text(PERPLEXITY_TASK.format(data=data))
+    return task_dir
 
 
 @pytest.fixture

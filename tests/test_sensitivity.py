@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import json
 
-import lm_eval
 import matplotlib.image
 import pytest
 
-from conftest import TASK_YAML
+from helpers_lm_eval import differences, lm_eval_command, saved_runs
 from lm_eval_floatsim import cli, sensitivity, sweep
-
-PERPLEXITY_TASK = TASK_YAML.replace("task: sweep_lambada", "task: sweep_lambada_ppl") + """  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
-"""
 
 
 def counting(function, calls: list):
@@ -29,33 +23,13 @@ def counting(function, calls: list):
     return counted
 
 
-@pytest.fixture
-def ppl_task(task_dir):
-    """The sweep task again, with perplexity (a random model's accuracy is 0 in every block)."""
-    data = task_dir / "docs.jsonl"
-    (task_dir / "sweep_lambada_ppl.yaml").write_text(PERPLEXITY_TASK.format(data=data))
-    return task_dir
-
-
 def sensitivity_cli(tmp_path, model_args, task_dir, *options) -> int:
     return cli.main(["sensitivity", "--mode", "better", "--divisor", "16", "--out", str(tmp_path / "sens"), *options,
                      "--", "--model_args", model_args, "--tasks", "sweep_lambada_ppl", "--include_path", str(task_dir),
                      "--output_path", str(tmp_path / "results")])
 
 
-def separate_run(model_args: str, task_dir, **args) -> dict:
-    """What `lm_eval --model_args <model_args>,<args>` reports, built the way lm_eval builds it."""
-    from lm_eval.tasks import TaskManager
-
-    config = sweep.lm_eval_config(["--model_args", model_args, "--tasks", "sweep_lambada_ppl", "--include_path",
-                                   str(task_dir), "--output_path", "unused"], swept={})
-    lm = sweep.build_lm({**config.model_args, **args}, config)
-    results = lm_eval.simple_evaluate(model=lm, tasks=["sweep_lambada_ppl"], bootstrap_iters=100000,
-                                      task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
-    return sensitivity.metrics_of(results)
-
-
-def test_each_block_alone_equals_a_separate_run_of_it(tmp_path, ppl_task, tiny_model, monkeypatch, capsys):
+def test_each_block_alone_equals_a_separate_run_of_it(tmp_path, ppl_task, tiny_model, monkeypatch):
     builds = []
     monkeypatch.setattr(sweep, "build_lm", counting(sweep.build_lm, builds))
     assert sensitivity_cli(tmp_path, tiny_model, ppl_task, "--leave-one-out") == 0
@@ -72,11 +46,19 @@ def test_each_block_alone_equals_a_separate_run_of_it(tmp_path, ppl_task, tiny_m
     # Quantizing blocks changes the perplexity (the runs are not fp in disguise).
     assert all(entry["metrics"]["sweep_lambada_ppl"][key] != fp for entry in report["layers"])
 
-    monkeypatch.undo()  # the reference runs are built without the counting wrapper
-    capsys.readouterr()
-    middle = report["layers"][1]["metrics"]
-    assert separate_run(tiny_model, ppl_task, mode="better", divisor=16, layers="1") == middle
-    assert separate_run(tiny_model, ppl_task, mode="fp") == report["baseline"]["fp"]
+    # A block's run, and fp's, are exactly the runs `lm_eval` makes of them (results files but
+    # for the clock: metrics, bootstrapped standard errors, configurations, dump statistics).
+    for args in ("mode=better,divisor=16,layers=1", "mode=fp"):
+        lm_eval_command("--model", "mamba_floatsim", "--model_args", f"{tiny_model},{args}", "--tasks", "sweep_lambada_ppl",
+                        "--include_path", ppl_task, "--output_path", tmp_path / "separate")
+    within = saved_runs(tmp_path / "results")
+    separate = saved_runs(tmp_path / "separate")
+    assert len(separate) == 2
+    for model_args, run in separate.items():
+        found = differences(within[model_args], run)
+        assert not found, "\n".join([model_args, *found])
+    layer_1 = next(results for results, _ in separate.values() if results["config"]["model_args"].get("layers") == 1)
+    assert report["layers"][1]["metrics"]["sweep_lambada_ppl"][key] == layer_1["results"]["sweep_lambada_ppl"][key]
 
     markdown = (tmp_path / "sens" / "sensitivity.md").read_text()
     assert markdown.startswith("# Sensitivity of each block to better/16")

@@ -17,6 +17,8 @@ import lm_eval.tasks
 import pytest
 from lm_eval.api.model import LM
 
+from conftest import N_DOCS
+from helpers_lm_eval import differences, lm_eval_command, saved_runs
 from helpers_runs import dump_name, make_dump, make_scales
 from lm_eval_floatsim import cli, sweep
 from lm_eval_floatsim.runs import find_runs, summarize
@@ -117,7 +119,9 @@ def test_sweep_loads_once_switches_in_order_and_saves_runs_compare_finds(tmp_pat
     assert lm.switches == plan
     assert len(calls) == len(plan)
     assert all(call["model"] is lm for call in calls)
-    assert len({id(call["task_manager"]) for call in calls}) == 1  # the task index is built once
+    assert len({id(call["task_manager"].task_index) for call in calls}) == 1  # the task index is built once
+    # ... and each run's tasks get that run's model arguments as metadata, as lm_eval gives them.
+    assert [call["task_manager"].metadata.get("mode") for call in calls] == [mode for mode, _ in plan]
     assert [call["model_args"].get("mode") for call in calls] == [mode for mode, _ in plan]
 
     results_files = sorted((out / "tiny__mamba-demo").glob("results_*.json"))
@@ -232,3 +236,37 @@ def test_sweep_with_use_cache_gives_every_mode_the_metrics_of_an_uncached_run(tm
     # No forward ran, so the dumps hold no values of the run, and the checks say so.
     printed = capsys.readouterr().out
     assert cached_code == 1 and "✗ int8_baseline.json: no nulls" in printed
+
+
+def test_sweep_saves_exactly_what_separate_lm_eval_runs_save(tmp_path, ppl_task, tiny_model, monkeypatch):
+    """Whole results files (but for the clock) and logged samples, with lm-eval's environment report
+    and a bootstrapped standard error (perplexity), against `lm_eval` run once per mode."""
+    from lm_eval.api import metrics
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.loggers.utils import add_env_info
+
+    calls = {name: [] for name in ("environment", "bootstrap", "prompts", "tokenized")}
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", counting(add_env_info, calls["environment"]))
+    monkeypatch.setattr(metrics, "bootstrap_stderr", counting(metrics.bootstrap_stderr, calls["bootstrap"]))
+    monkeypatch.setattr(ConfigurableTask, "construct_requests", counting(ConfigurableTask.construct_requests, calls["prompts"]))
+    monkeypatch.setattr(TemplateLM, "_encode_pair", counting(TemplateLM._encode_pair, calls["tokenized"]))
+    task = ["--tasks", "sweep_lambada_ppl", "--include_path", ppl_task, "--log_samples", "--metadata", '{"note": "x"}']
+    assert sweep_cli("--modes", "fp,int8,better", "--divisors", "16", "--", "--model_args", tiny_model, *task,
+                     "--output_path", tmp_path / "sweep") == 0
+    # Three evaluations: the environment asked, the prompts rendered and tokenized once; lm-eval's
+    # bootstrap never run (bootstrap.py's gave the standard errors).
+    assert {name: len(made) for name, made in calls.items()} == {"environment": 1, "bootstrap": 0, "prompts": N_DOCS,
+                                                                  "tokenized": N_DOCS}
+    for mode in ("fp", "int8", "better,divisor=16"):
+        lm_eval_command("--model", "mamba_floatsim", "--model_args", f"{tiny_model},mode={mode}", *task,
+                        "--output_path", tmp_path / "separate")
+    assert len(calls["bootstrap"]) == 3  # the sweep put lm-eval's back: the reference is lm-eval's own
+
+    swept, separate = saved_runs(tmp_path / "sweep"), saved_runs(tmp_path / "separate")
+    assert len(separate) == 3 and swept.keys() == separate.keys()
+    for model_args, (results, samples) in separate.items():
+        assert "pretty_env_info" in results and results["results"]["sweep_lambada_ppl"]["perplexity_stderr,none"] > 0
+        assert len(samples["sweep_lambada_ppl"]) == N_DOCS
+        found = differences(swept[model_args], (results, samples))
+        assert not found, "\n".join([model_args, *found])

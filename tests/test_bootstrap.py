@@ -1,0 +1,69 @@
+"""bootstrap.bootstrap_stderr against lm-eval's own bootstrap_stderr, bit for bit, on the Python
+running the tests (its builtin sum decides what a resample's mean is)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from lm_eval.api import metrics
+
+from lm_eval_floatsim import bootstrap
+
+
+def lm_evals(f, xs, iters):
+    """lm-eval 0.4.13's bootstrap_stderr in one process (its multiprocessing pool draws the same chunks)."""
+    return metrics.bootstrap_stderr(f, xs, iters)
+
+
+@pytest.fixture(autouse=True)
+def one_process(monkeypatch):
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")
+
+
+def loglikelihoods(n: int, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return [float(v) for v in -np.abs(rng.lognormal(-3.0, 2.0, n))]
+
+
+@pytest.mark.parametrize("n, iters", [(1, 1000), (2, 1000), (7, 2500), (300, 3000), (64, 100000)])
+def test_perplexity_stderr_is_lm_evals_bit_for_bit(n, iters):
+    xs = loglikelihoods(n, seed=n)
+    expected = lm_evals(metrics.perplexity, xs, iters)
+    got = bootstrap.bootstrap_stderr(metrics.perplexity, xs, iters, original=pytest.fail)
+    assert got == expected or (math.isnan(got) and math.isnan(expected))
+
+
+def test_infinite_loglikelihoods_give_lm_evals_result():
+    xs = loglikelihoods(20, seed=3)
+    xs[4] = -math.inf
+    expected = lm_evals(metrics.perplexity, xs, 2000)
+    got = bootstrap.bootstrap_stderr(metrics.perplexity, xs, 2000, original=pytest.fail)
+    assert math.isnan(expected) == math.isnan(got) and (math.isnan(got) or got == expected)
+
+
+def test_python_sum_is_builtin_sum_bit_for_bit():
+    """Magnitudes 10^-20..10^20 (where compensation changes the last bits), signed zeros, overflow, infinities."""
+    rng = np.random.default_rng(0)
+    rows = rng.normal(0, 1, (400, 40)) * 10.0 ** rng.integers(-20, 20, (400, 40))
+    rows[0] = -0.0
+    rows[1, 3], rows[2, 5], rows[2, 6] = -np.inf, np.inf, -np.inf
+    rows[3] = 1e308
+    rows[4] = [1e308, -1e308] * 20
+    got = bootstrap.python_sum(rows).tolist()
+    expected = [sum(row) for row in rows.tolist()]
+    assert [repr(value) for value in got] == [repr(value) for value in expected]  # repr: -0.0 and nan too
+
+
+@pytest.mark.parametrize("f, xs", [(metrics.perplexity, [np.float64(-0.5), np.float64(-0.25)]),
+                                   (metrics.median, [-0.5, -0.25, -0.125])])
+def test_what_it_cannot_reproduce_goes_to_lm_eval(f, xs):
+    calls = []
+
+    def original(*args):
+        calls.append(args)
+        return 0.125
+
+    assert bootstrap.bootstrap_stderr(f, xs, 1000, original=original) == 0.125
+    assert calls == [(f, xs, 1000)]
