@@ -11,21 +11,34 @@ n_layer, vocab_size, ssm_cfg, rms_norm, residual_in_fp32, fused_add_norm, pad_vo
 and `model.safetensors` (`backbone.*` only: mamba_ssm ties lm_head to the embedding). The
 tokenizer files in that folder come from make_demo_data.py and are left alone.
 
-The score printed at the end is the greedy last-word accuracy on the 500 task passages
+Outlier channels. In pretrained Mambas a few channels of the Conv1D+SiLU output carry values far
+above the others'; the 0.9995 quantile of |y| that sets the int8 output scale then lies below
+their largest values, and the int8 kernel clips those. A model this small, trained this briefly,
+grows no such channels (the previous demo model, trained without them, lost 0.002 in int8), so
+the recipe plants them: in every block, 2 of the 96 channels (seeded) start with their in_proj
+row (the conv input) and their conv weights 5x mamba_ssm's initialisation, a conv output about
+25x the others'. AdamW's steps do not grow with the weights, so those channels stay large through
+training and the model learns to use them: in the shipped model the largest channel's |y| over the
+calibration passages is 10-31x the median channel's in every block (the third largest 2-4x).
+A gain of 8 (64x) diverged (loss NaN before step 100).
+
+The score printed at the end is the greedy last-word accuracy on the task passages
 (`examples/demo/task/demo_lambada.jsonl`): the argmax of the model's own fp forward at the
 position before the target word equals the target token.
 
-Measured for the shipped model (default arguments, `taskset -c 0,1`, torch.set_num_threads(2):
-2 dedicated cores of an otherwise idle 16-core x86 host, torch 2.11 CPU path):
-    accuracy 1.0000 on the 500 task passages (0.67 at step 200, 1.00 from step 300 on),
-    training wall time 271 s (4.5 min), 400 steps.
+Measured for the shipped model (default arguments with `--threads 1`, on the project's shared
+2-core dev machine while other jobs kept its load at 5-8, torch 2.13, 2026-12-03):
+    accuracy 0.6605 on the 2000 task passages (on the first 100: 0.32 at step 200, 0.68 at
+    step 300, 0.62 at step 400), training wall time 650 s (10.8 min), 400 steps. One thread is
+    faster than two on a loaded machine: with two, the same run managed under 100 steps in 10 min.
+    A rerun of the same command on the same machine (load higher, 1304 s) wrote a byte-identical
+    model.safetensors, with the same loss and accuracy at every logged step.
 lm_eval with `--model mamba_floatsim --include_path examples/demo/task --tasks demo_lambada`
-then gives acc 1.000 / perplexity 1.0171 in fp mode, and acc 0.998 / perplexity 1.0179 in int8,
-same and better (divisor 2025) with scales calibrated on examples/demo/calib.txt.
-A rerun of the same command on the project's shared 2-core dev machine (torch 2.13) while other
-jobs kept its load at 5-11 gave accuracy 0.9960 in 2006 s (33 min): about 1 s per step when the
-cores were free, up to 9 s per step while they were shared. Runs on different torch builds
-agree to the third decimal of the loss for the first 100 steps and drift slightly after.
+(2000 passages) then gives the accuracies in the README's demo section: int8 about 0.03 (3
+standard errors) below fp, better (2025) with the int8 range no better than int8, and better
+with clamp=none back at fp: the loss is the outliers' clipping, not the rounding.
+Runs on different torch builds agree to the third decimal of the loss for the first 100 steps and
+drift slightly after.
 
 MambaLM's PyTorch selective scan is written for inference (it fills its output in place, which
 autograd cannot differentiate; on CUDA the Triton kernels have no backward either), so training
@@ -97,6 +110,17 @@ def _train_scan(u, delta, A, B, C, D, z, delta_bias, h0=None, return_last_state=
     hs = _LinearRecurrence.apply(dA, dBu)
     y = torch.einsum("bldn,bln->bld", hs, C.float())
     return ((y + u32 * D.float()) * F.silu(z.float())).to(u.dtype)
+
+
+def plant_outlier_channels(model: MambaLM, n_channels: int, gain: float, generator) -> None:
+    """Scale the in_proj row (conv input) and the conv weights of `n_channels` random channels of
+    every block by `gain`: their conv output starts gain**2 times larger than the others'."""
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            mixer = layer.mixer
+            channels = torch.randperm(mixer.conv1d.weight.shape[0], generator=generator)[:n_channels]
+            mixer.conv1d.weight[channels] *= gain
+            mixer.in_proj.weight[channels] *= gain  # rows 0..d_inner-1 are x, the conv input
 
 
 def init_weights(model: MambaLM, seed: int) -> None:
@@ -227,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--last-word-weight", type=float, default=4.0,
                     help="loss weight of each passage's last token (the others weigh 1)")
+    ap.add_argument("--outlier-channels", type=int, default=2,
+                    help="conv channels per block whose initial weights are scaled by --outlier-gain")
+    ap.add_argument("--outlier-gain", type=float, default=5.0)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -247,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                          d_state=args.d_state)
     model = MambaLM(config)
     init_weights(model, args.seed)
+    plant_outlier_channels(model, args.outlier_channels, args.outlier_gain,
+                           torch.Generator().manual_seed(args.seed + 1))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: d_model={config.d_model} n_layer={config.n_layer} d_state={config.d_state} "
           f"vocab={config.vocab_size} params={n_params}", flush=True)

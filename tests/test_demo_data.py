@@ -74,12 +74,13 @@ class NaiveBayes:
         self.vocab = set().union(*self.counts.values())
         self.totals = {y: sum(c.values()) for y, c in self.counts.items()}
 
-    def predict(self, words: list[str]) -> str:
+    def ranked(self, words: list[str]) -> list[str]:
+        """The labels, most probable first."""
         def score(y):
             denom = self.totals[y] + len(self.vocab)
             return math.log(self.prior[y]) + sum(
                 math.log((self.counts[y][w] + 1) / denom) for w in words if w in self.vocab)
-        return max(self.prior, key=score)
+        return sorted(self.prior, key=score, reverse=True)
 
 
 def _split(text: str) -> tuple[list[str], list[str], str]:
@@ -108,7 +109,7 @@ def test_shipped_files_are_what_the_generator_writes(generated):
 
 def test_sizes_and_lengths(generated):
     task, calib = _read_task(), _read_lines(DEMO / "calib.txt")
-    assert len(task) == 500 and len(calib) == 600
+    assert len(task) == 2000 and len(calib) == 600
     for text in task + calib + _read_lines(generated / "train.txt")[:5000]:
         assert 30 <= len(text.split(" ")) <= 80, text
         assert "\n" not in text and not text.endswith((".", " "))
@@ -150,13 +151,16 @@ def test_last_word_is_inferred_from_the_context(generated):
     labels = [p[2] for p in parts]
     whole = NaiveBayes([p[0] + p[1] for p in parts], labels)
     final_only = NaiveBayes([p[1] for p in parts], labels)
+    # Two passages in five describe two places (2-3 sentences each) and end with either: the context narrows the
+    # last word to at most two places (top-2 near 1), and a coin decides between them (top-1 at most 0.8).
     for texts in (task, calib):
         splits = [_split(t) for t in texts]
-        acc = sum(whole.predict(b + f) == y for b, f, y in splits) / len(splits)
-        assert acc >= 0.95, acc
+        top2 = sum(y in whole.ranked(b + f)[:2] for b, f, y in splits) / len(splits)
+        top1 = sum(whole.ranked(b + f)[0] == y for b, f, y in splits) / len(splits)
+        assert top2 >= 0.93 and 0.6 <= top1 <= 0.85, (top1, top2)
     # ...and the final sentence alone does not tell: the context is needed
     splits = [_split(t) for t in task]
-    acc = sum(final_only.predict(f) == y for _, f, y in splits) / len(splits)
+    acc = sum(final_only.ranked(f)[0] == y for _, f, y in splits) / len(splits)
     assert acc < 0.3, acc
 
 
@@ -193,7 +197,7 @@ def test_lm_eval_task_loads_from_any_directory(tmp_path, monkeypatch):
         task = tm.load_task_or_group(["demo_lambada"])["demo_lambada"]
     docs = list(task.test_docs())
     texts = _read_task()
-    assert len(docs) == len(texts) == 500
+    assert len(docs) == len(texts) == 2000
     assert task.OUTPUT_TYPE == "loglikelihood"
     for doc, text in zip(docs[:50], texts):
         context, target = text.rsplit(" ", 1)
@@ -227,12 +231,35 @@ def test_shipped_model_files():
             assert f"backbone.layers.{i}.mixer.{name}" in keys
 
 
+def _hits(model, tok, texts: list[str]) -> int:
+    """How many of the passages' last words are `model`'s greedy prediction (one batch, right-padded)."""
+    import torch
+
+    contexts = [tok(t.rsplit(" ", 1)[0], add_special_tokens=False)["input_ids"] for t in texts]
+    targets = [tok(t, add_special_tokens=False)["input_ids"][-1] for t in texts]
+    width = max(map(len, contexts))
+    ids = torch.full((len(texts), width), tok.pad_token_id, dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, : len(c)] = torch.tensor(c)
+    with torch.no_grad():
+        logits = model(ids)
+    pred = logits[torch.arange(len(texts)), torch.tensor([len(c) - 1 for c in contexts])].argmax(-1)
+    return int((pred == torch.tensor(targets)).sum())
+
+
+def _last_word_accuracy(model, tok, texts: list[str], batch_size: int = 100) -> float:
+    """Greedy last-word accuracy of `model` (a MambaLM) on the passages."""
+    hits = sum(_hits(model, tok, texts[i:i + batch_size]) for i in range(0, len(texts), batch_size))
+    return hits / len(texts)
+
+
 def test_shipped_model_predicts_last_words():
-    """The shipped model, built from its files with MambaLM, still gets >= 0.8 (first 100)."""
+    """The shipped model, built from its files with MambaLM, is far above chance (1/12) on the
+    first 100 passages."""
     weights = MODEL_DIR / "model.safetensors"
     if not weights.exists():
         pytest.skip("the demo model has not been trained yet")
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -248,15 +275,28 @@ def test_shipped_model_predicts_last_words():
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
-    texts = _read_task()[:100]
-    contexts = [tok(t.rsplit(" ", 1)[0], add_special_tokens=False)["input_ids"] for t in texts]
-    targets = [tok(t, add_special_tokens=False)["input_ids"][-1] for t in texts]
-    width = max(map(len, contexts))
-    ids = torch.full((len(texts), width), tok.pad_token_id, dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, : len(c)] = torch.tensor(c)
-    with torch.no_grad():
-        logits = model(ids)
-    pred = logits[torch.arange(len(texts)), torch.tensor([len(c) - 1 for c in contexts])].argmax(-1)
-    acc = (pred == torch.tensor(targets)).float().mean().item()
-    assert acc >= 0.8
+    assert _last_word_accuracy(model, tok, _read_task()[:100]) >= 0.5
+
+
+def test_the_modes_change_the_shipped_models_accuracy(tmp_path, monkeypatch):
+    """What the demo is for, on all 2000 passages with `make demo`'s calibration: fp is below 1,
+    int8 loses more than two standard errors against it, better (2025) with the int8 range, which
+    clips the outliers as int8 does, stays within a standard error of int8, and better without the
+    clamp wins the loss back."""
+    if not (MODEL_DIR / "model.safetensors").exists():
+        pytest.skip("the demo model has not been trained yet")
+    from lm_eval_floatsim.api import load_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calibration = dict(calib_data=str(DEMO / "calib.txt"), calib_samples=64, calib_seqlen=128, progress=False)
+    texts = _read_task()
+    acc = {}
+    for label, mode, clamp in [("fp", "fp", "range"), ("int8", "int8", "range"),
+                               ("better", "better", "range"), ("better clamp=none", "better", "none")]:
+        model, tok, _ = load_model(str(MODEL_DIR), mode=mode, clamp=clamp, **calibration)
+        acc[label] = _last_word_accuracy(model, tok, texts)
+    stderr = math.sqrt(acc["fp"] * (1 - acc["fp"]) / len(texts))
+    assert 0.6 <= acc["fp"] <= 0.9, acc
+    assert acc["int8"] < acc["fp"] - 2 * stderr, acc
+    assert abs(acc["better"] - acc["int8"]) < stderr, acc
+    assert acc["better clamp=none"] > acc["int8"] + 2 * stderr, acc
