@@ -36,7 +36,7 @@ echo "== lm-eval-floatsim compare $out/results --baseline fp --out $out/compare"
 lm-eval-floatsim compare "$out/results" --baseline fp --out "$out/compare" > /dev/null
 
 echo
-echo "Accuracy on demo_lambada (500 passages):"
+echo "Accuracy on demo_lambada (2000 passages):"
 # the acc table of compare.md: the table lines after its heading
 awk '/^### demo_lambada — acc /{found=1; next} found && /^\|/{print; table=1; next} table{exit}' "$out/compare/compare.md"
 cat <<DONE
