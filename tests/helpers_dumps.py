@@ -22,21 +22,23 @@ def tiny_input(length=16) -> torch.Tensor:
     return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(1))
 
 
-def absmax_scales(model, input_ids) -> list:
-    """Scales from one fp forward: absmax / 127 of the conv input, output, weight and bias.
-
-    Test scaffolding, not SPEC calibration: any positive scales exercise the dumps equally.
-    """
+def conv_absmaxes(model, input_ids, widths) -> tuple[dict, dict]:
+    """Per block, the absmax of the conv input and of its output in each channel segment of
+    `widths`, from one fp forward: ({block: [per segment]}, {block: [per segment]})."""
+    config = model.config
+    start = config.d_inner if config.mixer == "Mamba2" else 0  # in_proj's output: (x, z), or (z, xBC, dt)
     inputs, outputs = {}, {}
+
+    def segment_absmaxes(t):
+        return [part.abs().max().item() for part in t.split(widths, -1)]
 
     class OutputAbsmax:
         def layer(self, layer_idx, mask):
-            return lambda before, after, codes, clamped: outputs.__setitem__(layer_idx, before.abs().max().item())
+            return lambda before, after, codes, clamped: outputs.__setitem__(layer_idx, segment_absmaxes(before))
 
-    d_inner = model.config.d_inner
     hooks = [
         layer.mixer.in_proj.register_forward_hook(
-            lambda module, args, out, i=i: inputs.__setitem__(i, out[..., :d_inner].abs().max().item())
+            lambda module, args, out, i=i: inputs.__setitem__(i, segment_absmaxes(out[..., start : start + config.conv_dim]))
         )
         for i, layer in enumerate(model.backbone.layers)
     ]
@@ -46,9 +48,18 @@ def absmax_scales(model, input_ids) -> list:
     model.recorder = None
     for hook in hooks:
         hook.remove()
+    return inputs, outputs
+
+
+def absmax_scales(model, input_ids) -> list:
+    """Scales from one fp forward: absmax / 127 of the conv input, output, weight and bias.
+
+    Test scaffolding, not SPEC calibration: any positive scales exercise the dumps equally.
+    """
+    inputs, outputs = conv_absmaxes(model, input_ids, (model.config.conv_dim,))
     conv = [layer.mixer.conv1d for layer in model.backbone.layers]
     return [
-        LayerScales(inputs[i] / 127, outputs[i] / 127, conv[i].weight.abs().max().item() / 127, conv[i].bias.abs().max().item() / 127)
+        LayerScales(inputs[i][0] / 127, outputs[i][0] / 127, conv[i].weight.abs().max().item() / 127, conv[i].bias.abs().max().item() / 127)
         for i in range(len(conv))
     ]
 
@@ -69,24 +80,8 @@ def write_segmented_dumps(folder, modes=("int8", "same", "better"), n_layer=3) -
                          mixer_rms_eps=1e-5)
     model, input_ids = MambaLM(config).eval(), tiny_input()
     segments = config.conv_segments()
-    widths, start = tuple(segments.values()), config.d_inner  # in_proj's output: z, xBC, dt
-    inputs, outputs = {}, {}
-
-    class OutputAbsmax:
-        def layer(self, layer_idx, mask):
-            return lambda before, *rest: outputs.__setitem__(layer_idx, [t.abs().max().item() for t in before.split(widths, -1)])
-
-    hooks = [
-        layer.mixer.in_proj.register_forward_hook(lambda module, args, out, i=i: inputs.__setitem__(
-            i, [t.abs().max().item() for t in out[..., start : start + config.conv_dim].split(widths, -1)]))
-        for i, layer in enumerate(model.backbone.layers)
-    ]
-    model.recorder = OutputAbsmax()
-    with torch.no_grad():
-        model(input_ids)
-    model.recorder = None
-    for hook in hooks:
-        hook.remove()
+    widths = tuple(segments.values())
+    inputs, outputs = conv_absmaxes(model, input_ids, widths)
     scales = []
     for i, layer in enumerate(model.backbone.layers):
         conv = layer.mixer.conv1d
