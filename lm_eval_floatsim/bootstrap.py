@@ -71,12 +71,13 @@ def resampled_sums(values: np.ndarray, seed: int, size: int) -> np.ndarray:
     """sum(random.Random(seed).choices(values, k=n)) for each of the seed's `size` resamples, in order."""
     n = len(values)
     stream = np.random.RandomState([seed])  # a list: init_by_array, as random.seed(int) seeds
-    sums = []
+    sums = np.empty(size)
     for start in range(0, size, ROWS_PER_BLOCK):
         draws = stream.random_sample((min(ROWS_PER_BLOCK, size - start), n))
-        picks = values[(draws * float(n)).astype(np.intp)]  # floor: the products are >= 0
-        sums.append(python_sum(picks))
-    return np.concatenate(sums)
+        draws *= float(n)  # in place: each new array of a block costs as much as the arithmetic
+        picks = np.take(values, draws.astype(np.intp))  # the cast floors: the products are >= 0
+        sums[start:start + len(picks)] = python_sum(picks)
+    return sums
 
 
 def python_sum(rows: np.ndarray) -> np.ndarray:
