@@ -6,11 +6,15 @@ constructor and `_loglikelihood_tokens` install them, `sweep` the last):
   restoring what it found after;
 - `install_results_hook`: wraps `EvaluationTracker.save_results_aggregated`, once per process;
 - `install_one_line_user_errors`: wraps `sys.excepthook`, once per process;
+- `install_fast_bootstrap`: replaces `lm_eval.api.metrics.bootstrap_stderr` (which lm-eval's
+  `stderr_for_metric` looks up by name) with `bootstrap.bootstrap_stderr`, once per process;
+- `install_compiled_templates`: replaces `lm_eval.utils.apply_template` (which `Task` looks up
+  by name) with one that compiles each template once, with lm-eval's Jinja environment
+  (`lm_eval.utils.env`), once per process;
 - `evaluating_repeatedly` (sweep and sensitivity, for the duration of their evaluations): replaces
-  `lm_eval.api.metrics.bootstrap_stderr`, `lm_eval.evaluator.add_env_info` and
-  `Task.build_all_requests` (reading `Task._instances`, `fewshot_rnd`, `dump_config()`),
-  restoring them after; `task_manager_with_metadata` copies a TaskManager with another `_factory`
-  (`lm_eval.tasks._factory.TaskFactory`).
+  `lm_eval.evaluator.add_env_info` and `Task.build_all_requests` (reading `Task._instances`,
+  `fewshot_rnd`, `dump_config()`), restoring them after; `task_manager_with_metadata` copies a
+  TaskManager with another `_factory` (`lm_eval.tasks._factory.TaskFactory`).
 Where an lm-eval lacks what the first two patch, they warn once instead of failing.
 
 `lm_model.FloatSimLM` also relies on HFLM's private members (lm-eval 0.4.13), without patching them:
@@ -130,6 +134,49 @@ def _one_line_user_errors(previous):
     return excepthook
 
 
+def install_fast_bootstrap() -> None:
+    """Make lm-eval bootstrap a perplexity's standard error with `bootstrap.bootstrap_stderr`.
+
+    Why: lm-eval draws ~10^8 Python random numbers per 1000 documents for it, the largest fixed
+    cost of an evaluation after the forwards (half of a demo run's time); `bootstrap` draws the
+    same resamples with numpy and gives the same number bit for bit (tests/test_bootstrap.py),
+    and hands every other statistic to lm-eval's own function. Installed once per process.
+    """
+    from lm_eval.api import metrics
+
+    from . import bootstrap
+
+    current = metrics.bootstrap_stderr
+    if getattr(current, "floatsim_fast", False):
+        return
+    fast = functools.partial(bootstrap.bootstrap_stderr, original=current)
+    fast.floatsim_fast = True
+    metrics.bootstrap_stderr = fast
+
+
+def install_compiled_templates() -> None:
+    """Make lm-eval compile each prompt template once, not once per document it renders.
+
+    Why: `lm_eval.utils.apply_template` compiles its Jinja template (`env.from_string`) on every
+    call, and a task calls it several times per document (prompt, target, ...): for a
+    lambada-style task that is most of the time it takes to build its requests (~6 s for 2000
+    documents on a laptop-class core). The compiled template of lm-eval's own environment renders
+    the same string. Installed once per process.
+    """
+    from lm_eval import utils
+
+    if getattr(utils.apply_template, "floatsim_compiled_once", False):
+        return
+    compiled = functools.lru_cache(maxsize=1024)(utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compiled(template).render(**doc)
+
+    apply_template.floatsim_compiled_once = True
+    apply_template.floatsim_original = utils.apply_template
+    utils.apply_template = apply_template
+
+
 # --- many evaluations in one process (sweep, sensitivity) ------------------------------------------
 
 
@@ -157,10 +204,8 @@ def evaluating_repeatedly(run_arguments):
     """While the block runs, each `simple_evaluate` after the first costs its forwards and metrics only.
 
     What lm-eval recomputes per evaluation although it is the same for every run of a sweep is
-    computed once; what it computes slowly is computed faster; every result is the one lm-eval
-    computes (tests/test_sweep.py compares whole results files and samples with separate runs):
-    - `bootstrap_stderr` (a perplexity's standard error: ~10^8 Python random draws per run):
-      `bootstrap.bootstrap_stderr`, the same number bit for bit;
+    computed once; every result is the one lm-eval computes (tests/test_sweep.py compares whole
+    results files and samples with separate runs):
     - `add_env_info` (pip, the GPU and git in subprocesses, about a second): the process's
       environment, reported once and copied into every run's results;
     - `Task.build_all_requests` (every document's prompt rendered): see `_requests_built_once`;
@@ -170,15 +215,9 @@ def evaluating_repeatedly(run_arguments):
     (`_encode_pair`).
     """
     from lm_eval import evaluator
-    from lm_eval.api import metrics
     from lm_eval.api.task import Task
 
-    from . import bootstrap
-
-    original_bootstrap = metrics.bootstrap_stderr
-    fast_bootstrap = functools.partial(bootstrap.bootstrap_stderr, original=original_bootstrap)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_replaced(metrics, "bootstrap_stderr", fast_bootstrap))
         stack.enter_context(_replaced(evaluator, "add_env_info", _reported_once(evaluator.add_env_info)))
         built_once = _requests_built_once(Task.build_all_requests, frozenset(run_arguments))
         stack.enter_context(_replaced(Task, "build_all_requests", built_once))

@@ -247,26 +247,31 @@ def test_sweep_saves_exactly_what_separate_lm_eval_runs_save(tmp_path, ppl_task,
     from lm_eval.loggers.utils import add_env_info
 
     calls = {name: [] for name in ("environment", "bootstrap", "prompts", "tokenized")}
+    lm_evals_bootstrap = metrics.bootstrap_stderr
     monkeypatch.setattr(lm_eval.evaluator, "add_env_info", counting(add_env_info, calls["environment"]))
-    monkeypatch.setattr(metrics, "bootstrap_stderr", counting(metrics.bootstrap_stderr, calls["bootstrap"]))
+    monkeypatch.setattr(metrics, "bootstrap_stderr", counting(lm_evals_bootstrap, calls["bootstrap"]))
     monkeypatch.setattr(ConfigurableTask, "construct_requests", counting(ConfigurableTask.construct_requests, calls["prompts"]))
     monkeypatch.setattr(TemplateLM, "_encode_pair", counting(TemplateLM._encode_pair, calls["tokenized"]))
     task = ["--tasks", "sweep_lambada_ppl", "--include_path", ppl_task, "--log_samples", "--metadata", '{"note": "x"}']
     assert sweep_cli("--modes", "fp,int8,better", "--divisors", "16", "--", "--model_args", tiny_model, *task,
                      "--output_path", tmp_path / "sweep") == 0
-    # Three evaluations: the environment asked, the prompts rendered and tokenized once; lm-eval's
-    # bootstrap never run (bootstrap.py's gave the standard errors).
+    # Three evaluations: the environment asked, the prompts rendered and tokenized once.
     assert {name: len(made) for name, made in calls.items()} == {"environment": 1, "bootstrap": 0, "prompts": N_DOCS,
                                                                   "tokenized": N_DOCS}
     for mode in ("fp", "int8", "better,divisor=16"):
         lm_eval_command("--model", "mamba_floatsim", "--model_args", f"{tiny_model},mode={mode}", *task,
                         "--output_path", tmp_path / "separate")
-    assert len(calls["bootstrap"]) == 3  # the sweep put lm-eval's back: the reference is lm-eval's own
+    # Every run's perplexity standard error came from bootstrap.py, never from lm-eval's function ...
+    assert len(calls["bootstrap"]) == 0
 
     swept, separate = saved_runs(tmp_path / "sweep"), saved_runs(tmp_path / "separate")
     assert len(separate) == 3 and swept.keys() == separate.keys()
     for model_args, (results, samples) in separate.items():
-        assert "pretty_env_info" in results and results["results"]["sweep_lambada_ppl"]["perplexity_stderr,none"] > 0
+        assert "pretty_env_info" in results
         assert len(samples["sweep_lambada_ppl"]) == N_DOCS
+        # ... and is lm-eval's own, bootstrapped here from the run's logged per-document values.
+        values = [record["perplexity"] for record in sorted(samples["sweep_lambada_ppl"], key=lambda r: r["doc_id"])]
+        stderr = results["results"]["sweep_lambada_ppl"]["perplexity_stderr,none"]
+        assert stderr > 0 and stderr == lm_evals_bootstrap(metrics.perplexity, values, 100000)
         found = differences(swept[model_args], (results, samples))
         assert not found, "\n".join([model_args, *found])
