@@ -20,6 +20,7 @@ since JSON has no such numbers; `lm-eval-floatsim check` reports them.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from importlib import resources
@@ -99,7 +100,8 @@ def read_dump(path) -> dict:
     """A dump file's content, checked against `dump.schema.json`; InputError (one line) when unusable."""
     path = Path(path)
     try:
-        dump = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+        raw = path.read_bytes()
+        dump = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except OSError as error:
         raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
     except UnicodeDecodeError:
@@ -110,10 +112,23 @@ def read_dump(path) -> dict:
         raise InputError(f"{path}: invalid JSON: {error}") from None
     except RecursionError:
         raise InputError(f"{path}: invalid JSON: nested too deeply") from None
-    problem = schema_problem(dump)
+    problem = _schema_problem_of_content(raw, dump)
     if problem:
         raise InputError(f"{path}: not a dump file: {problem}")
     return dump
+
+
+# schema_problem's verdicts by file content (sha256) and registered modes. Why: every run's report
+# reads the dumps of the runs before it in its folder, so the runs of a sweep or a sensitivity
+# analysis read each dump again and again, and validating is most of reading one.
+_verdicts: dict = {}
+
+
+def _schema_problem_of_content(raw: bytes, dump) -> Optional[str]:
+    key = (hashlib.sha256(raw).digest(), mode_names())
+    if key not in _verdicts:
+        _verdicts[key] = schema_problem(dump)
+    return _verdicts[key]
 
 
 def schema_problem(dump) -> Optional[str]:

@@ -77,6 +77,26 @@ def test_every_mode_has_every_layer_in_order_and_matches_the_schema(good_dumps):
         assert read_dump(path) == dump
 
 
+def test_a_dump_read_again_is_validated_once_per_content(good_dumps, tmp_path, monkeypatch):
+    """Reports read every earlier run's dump again: the schema is checked once per content, and a
+    file whose content changed is checked again (here: refused)."""
+    from lm_eval_floatsim import dumps
+
+    checked = []
+    monkeypatch.setattr(dumps, "schema_problem", lambda dump: checked.append(dump) or None)
+    path = tmp_path / "int8_baseline.json"
+    content = good_dumps["int8"].read_text()
+    unread = content.replace('"dump_n": 10', '"dump_n": 10 ')  # the same dump in bytes no other test reads
+    assert unread != content
+    path.write_text(unread)
+    first, again = read_dump(path), read_dump(path)
+    assert first == again and len(checked) == 1
+    monkeypatch.undo()
+    path.write_text(content.replace('"layer_idx": 0', '"layer_idx": -1', 1))
+    with pytest.raises(InputError, match="not a dump file"):
+        read_dump(path)
+
+
 def test_values_are_what_each_mode_computes(good_dumps):
     dumps = {mode: json.loads(path.read_text()) for mode, path in good_dumps.items()}
     for mode in ("int8", "same", "better"):
