@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_run.sh bench     kernels' GPU tests, then gpu_bench.py    (carry .device/a)
 #   bash benchmarks/gpu_run.sh lm_eval   lm_eval_runs.py: lm_eval --model mamba_ssm vs mamba_floatsim per mode (carry .device/b)
 #   bash benchmarks/gpu_run.sh sweep     lm_eval_runs.py: one lm_eval run vs sweep (6 runs) vs sensitivity (26) (carry .device/c)
+#   bash benchmarks/gpu_run.sh profile   lm_eval_runs.py profile: one lm_eval run and one sweep under cProfile (carry .device/c)
 #   bash benchmarks/gpu_run.sh all       both in one call, mamba-ssm without causal-conv1d (carry .device/b)
 # .device/a holds the kit's setup.sh and mamba-ssm + causal-conv1d; .device/b setup.sh, the
 # wheels and mamba-ssm (the kit's README: both kernels and the wheels exceed one call's 64 MiB);
@@ -34,6 +35,11 @@ case $1 in
     timeout 590 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs sweep,sensitivity --deadline-s 540 \
       --out "$out" "${@:2}" 2>&1 | tee "$out/lm_eval_runs.log"
     ;;
+  profile)
+    [ -d /tmp/site/matplotlib ] || source .device/c/setup.sh wheels || exit 2
+    export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH
+    timeout 590 python3 benchmarks/lm_eval_runs.py profile --preset gpu --configs sweep --out "$out" "${@:2}" 2>&1 | tee "$out/profile.log"
+    ;;
   all)
     source .device/b/setup.sh wheels mamba_ssm || exit 2
     export PYTHONPATH=$PWD:$PYTHONPATH
@@ -42,5 +48,5 @@ case $1 in
     timeout 240 python3 benchmarks/gpu_bench.py --out "$out" --iters 15 2>&1 | tee "$out/gpu_bench.log"
     timeout 240 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs modes --rounds 1 --out "$out" --docs 2000 2>&1 | tee "$out/lm_eval_runs.log"
     ;;
-  *) echo "usage: $0 bench|lm_eval|sweep|all [args]"; exit 2 ;;
+  *) echo "usage: $0 bench|lm_eval|sweep|profile|all [args]"; exit 2 ;;
 esac

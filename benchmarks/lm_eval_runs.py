@@ -21,6 +21,9 @@ Presets (--preset):
   another one's first sentence in front; 5153 as lambada_openai), batch 64, cuda:0.
 
   python benchmarks/lm_eval_runs.py bench --preset demo --out DIR [--rounds 3] [--configs lm_eval,sweep,sensitivity]
+  python benchmarks/lm_eval_runs.py profile --preset gpu --out DIR [--configs sweep]
+      after the warm-up, each configuration once under cProfile: DIR/<name>.prof and the functions
+      that took the most time (cumulative) in DIR/<name>.txt
   python benchmarks/lm_eval_runs.py lm_eval -- LM_EVAL_ARGS...
       one lm_eval run (what `bench` starts), with `mamba_floatsim` registered whether or not the
       package's .pth hook is installed
@@ -53,6 +56,15 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench")
+    profile = sub.add_parser("profile")
+    for parser_ in (bench, profile):
+        _add_bench_arguments(parser_)
+    run = sub.add_parser("lm_eval")
+    run.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    return parser.parse_args(argv)
+
+
+def _add_bench_arguments(bench) -> None:
     bench.add_argument("--preset", choices=("demo", "gpu"), required=True)
     bench.add_argument("--out", default=".")
     bench.add_argument("--work", default="/tmp/lm_eval_runs")
@@ -62,9 +74,6 @@ def parse_args(argv=None):
     bench.add_argument("--docs", type=int, default=5153, help="documents of the gpu preset's task")
     bench.add_argument("--deadline-s", type=float, default=None,
                        help="start no run that would end after this many seconds (its last wall time as the guess)")
-    run = sub.add_parser("lm_eval")
-    run.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
-    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------ inputs
@@ -244,6 +253,27 @@ def sweep_matches_reference(work: Path) -> str:
     return f"DIFFERENT in {differing}"
 
 
+def profile_runs(found: dict, work: Path, out: Path) -> int:
+    """After the warm-up, each configuration once under cProfile; the 60 costliest functions printed."""
+    import pstats
+
+    warm = run_once(REFERENCE, found[REFERENCE][1], work)
+    print(f"warm-up {REFERENCE}: {warm['wall_s']:.1f} s", flush=True)
+    failed = 0
+    for name, (_, command) in found.items():
+        stats = out / f"{name.replace(' ', '_')}.prof"
+        row = run_once(name, [command[0], "-m", "cProfile", "-o", str(stats), *command[1:]], work)
+        print(json.dumps({k: v for k, v in row.items() if k != "error_tail"}), flush=True)
+        failed += row["returncode"] != 0
+        if row["returncode"] != 0:
+            print(row["error_tail"], flush=True)
+            continue
+        with open(out / f"{name.replace(' ', '_')}.txt", "w") as report:
+            pstats.Stats(str(stats), stream=report).sort_stats("cumulative").print_stats(60)
+        print((out / f"{name.replace(' ', '_')}.txt").read_text()[:6000], flush=True)
+    return 1 if failed else 0
+
+
 def lm_eval_main(args) -> None:
     """One lm_eval run in this process, `mamba_floatsim` registered."""
     sys.path.insert(0, str(ROOT))
@@ -266,6 +296,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     found, task = configurations(args, work)
+    if args.command == "profile":
+        return profile_runs(found, work, out)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = rounds_of_runs(args, found, work, out / "lm_eval_runs.jsonl")
     text = (f"\n{args.preset} preset, task {task}, {args.rounds} rounds, started {started}, {os.cpu_count()} CPUs\n"
