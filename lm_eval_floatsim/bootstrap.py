@@ -12,11 +12,13 @@ with numpy, vectorized:
 - the statistic is one of the mean of a resample (`perplexity` = exp(-mean)); the mean is
   `sum(resample) / len(resample)` with Python's builtin `sum`, which adds left to right up to
   Python 3.11 and, from 3.12, adds left to right while accumulating each addition's rounding
-  error (Neumaier) and adds that at the end: both are reproduced here operation by operation;
+  error (Neumaier) and adds that at the end: both are reproduced here, the running sums addition
+  by addition and each addition's rounding error exactly;
 - the statistic itself and the standard error are lm-eval's own functions, applied to the same
   Python floats.
 Anything else (another statistic, values that are not exact Python floats) goes to lm-eval's own
-function. tests/test_bootstrap.py checks the result against lm-eval's, bit for bit.
+function. tests/test_bootstrap.py checks the result against lm-eval's, bit for bit, and the sums
+against both of CPython's summation loops (3.11's and 3.12's), whichever Python runs the tests.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ import numpy as np
 
 # lm-eval's chunk of resamples drawn from one seed (`min(1000, iters)` in bootstrap_stderr).
 CHUNK = 1000
-# Resamples whose picks are summed at once: keeps the working set in the CPU's caches.
-ROWS_PER_BLOCK = 64
+# Resamples whose picks are summed at once: at most this many, and few enough that torch's cumsum
+# runs in the calling thread (it splits rows over its own threads once they hold more than its
+# parallel grain of values, and every worker of the pool would then start them at once).
+MAX_ROWS_PER_BLOCK = 64
+TORCH_PARALLEL_GRAIN = 32768  # at::internal::GRAIN_SIZE
 # Python's sum() of floats compensates its rounding errors from 3.12 on (Neumaier summation).
 COMPENSATED_SUM = sys.version_info >= (3, 12)
 
@@ -55,7 +60,7 @@ def bootstrap_stderr(f: Callable, xs: Sequence, iters: int, original: Callable) 
 
     size = min(CHUNK, iters)
     values = np.asarray(xs, dtype=np.float64)
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:  # numpy releases the GIL in its loops
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:  # numpy and torch release the GIL in these loops
         sums = pool.map(lambda seed: resampled_sums(values, seed, size), range(iters // size))
         totals = np.concatenate(list(sums)).tolist()
     n = len(xs)
@@ -72,8 +77,9 @@ def resampled_sums(values: np.ndarray, seed: int, size: int) -> np.ndarray:
     n = len(values)
     stream = np.random.RandomState([seed])  # a list: init_by_array, as random.seed(int) seeds
     sums = np.empty(size)
-    for start in range(0, size, ROWS_PER_BLOCK):
-        draws = stream.random_sample((min(ROWS_PER_BLOCK, size - start), n))
+    rows_per_block = max(1, min(MAX_ROWS_PER_BLOCK, TORCH_PARALLEL_GRAIN // n))
+    for start in range(0, size, rows_per_block):
+        draws = stream.random_sample((min(rows_per_block, size - start), n))
         draws *= float(n)  # in place: each new array of a block costs as much as the arithmetic
         picks = np.take(values, draws.astype(np.intp))  # the cast floors: the products are >= 0
         sums[start:start + len(picks)] = python_sum(picks)
@@ -82,15 +88,27 @@ def resampled_sums(values: np.ndarray, seed: int, size: int) -> np.ndarray:
 
 def python_sum(rows: np.ndarray) -> np.ndarray:
     """Python's builtin sum() of each row's floats, bit for bit (see COMPENSATED_SUM)."""
-    rows = rows.copy()
-    rows[:, 0] += 0.0  # sum() starts from the int 0: 0 + -0.0 is 0.0
     with np.errstate(over="ignore", invalid="ignore"):  # infinities and NaN as IEEE arithmetic gives them
-        partial = np.cumsum(rows, axis=1)  # left to right: the plain running sum
+        partial = running_sums(rows)  # the plain running sum
+        partial += 0.0  # sum() starts from the int 0: its running sum is never -0.0 (0 + -0.0 is 0.0)
         if not COMPENSATED_SUM or rows.shape[1] == 1:
             return partial[:, -1]
         before, items, after = partial[:, :-1], rows[:, 1:], partial[:, 1:]
-        # Each addition's rounding error, as CPython computes it: from the operand of larger magnitude.
-        errors = np.where(np.abs(before) >= np.abs(items), (before - after) + items, (items - after) + before)
-        correction = np.cumsum(errors, axis=1)[:, -1]
+        # Each addition's rounding error. CPython computes it from the operand of larger magnitude
+        # (Fast2Sum); Knuth's branch-free TwoSum gives the same exact error wherever that one is
+        # finite, and a non-finite one wherever that one is not, in fewer passes over the arrays.
+        virtual = after - before
+        errors = before - (after - virtual)
+        errors += items - virtual
+        correction = running_sums(errors)[:, -1]
         # CPython adds a finite, non-zero correction only (an overflowed sum stays infinite).
         return np.where((correction != 0) & np.isfinite(correction), partial[:, -1] + correction, partial[:, -1])
+
+
+def running_sums(rows: np.ndarray) -> np.ndarray:
+    """Each row's running sum, added left to right in float64 (np.cumsum's numbers). torch's cumsum
+    computes the same sequence of additions and, unlike numpy's (2.x), releases the GIL while it
+    runs: with numpy's, the pool's threads took turns and 16 cores did the work of about 3."""
+    import torch
+
+    return torch.cumsum(torch.from_numpy(rows), dim=1).numpy()

@@ -43,7 +43,7 @@ def test_infinite_loglikelihoods_give_lm_evals_result():
     assert math.isnan(expected) == math.isnan(got) and (math.isnan(got) or got == expected)
 
 
-def test_python_sum_is_builtin_sum_bit_for_bit():
+def hard_rows() -> np.ndarray:
     """Magnitudes 10^-20..10^20 (where compensation changes the last bits), signed zeros, overflow, infinities."""
     rng = np.random.default_rng(0)
     rows = rng.normal(0, 1, (400, 40)) * 10.0 ** rng.integers(-20, 20, (400, 40))
@@ -51,9 +51,48 @@ def test_python_sum_is_builtin_sum_bit_for_bit():
     rows[1, 3], rows[2, 5], rows[2, 6] = -np.inf, np.inf, -np.inf
     rows[3] = 1e308
     rows[4] = [1e308, -1e308] * 20
+    rows[5, :2] = -0.0
+    rows[6, ::2] = 1e-300
+    rows[6, 1::2] = -1e-300 * (1 + 2.0 ** -52)
+    return rows
+
+
+def plain_sum(row: list[float]) -> float:
+    """CPython 3.11's builtin sum() of floats: the int start 0 plus each item, left to right."""
+    total = 0 + row[0]
+    for x in row[1:]:
+        total += x
+    return total
+
+
+def compensated_sum(row: list[float]) -> float:
+    """CPython 3.12+'s builtin sum() of floats, step by step as Python/bltinmodule.c computes it:
+    the int start 0 plus the first item, then Neumaier's compensated loop, then the correction
+    added when it is finite and non-zero."""
+    total, correction = 0 + row[0], 0.0
+    for x in row[1:]:
+        t = total + x
+        correction += (total - t) + x if abs(total) >= abs(x) else (x - t) + total
+        total = t
+    return total + correction if correction and math.isfinite(correction) else total
+
+
+def test_python_sum_is_builtin_sum_bit_for_bit():
+    rows = hard_rows()
     got = bootstrap.python_sum(rows).tolist()
     expected = [sum(row) for row in rows.tolist()]
     assert [repr(value) for value in got] == [repr(value) for value in expected]  # repr: -0.0 and nan too
+
+
+@pytest.mark.parametrize("compensated", [False, True])
+def test_python_sum_follows_both_of_cpythons_sums(compensated, monkeypatch):
+    """Whichever Python runs the tests, both ways sum() has added floats: left to right (up to
+    3.11) and compensated (3.12 on)."""
+    monkeypatch.setattr(bootstrap, "COMPENSATED_SUM", compensated)
+    rows = hard_rows()
+    reference = compensated_sum if compensated else plain_sum
+    got = bootstrap.python_sum(rows).tolist()
+    assert [repr(value) for value in got] == [repr(reference(row)) for row in rows.tolist()]
 
 
 @pytest.mark.parametrize("f, xs", [(metrics.perplexity, [np.float64(-0.5), np.float64(-0.25)]),
