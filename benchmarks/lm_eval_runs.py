@@ -14,7 +14,7 @@ of its ratio to the reference run of the same round. The sweep's int8 run is als
 reference run: their results files must be identical but for the clock.
 
 Presets (--preset):
-- `demo` (the CPU box): the bundled demo model and task (500 requests), float32, batch 32, the
+- `demo` (the CPU box): the bundled demo model and task (2000 requests), float32, batch 32, the
   calibration of `make demo`;
 - `gpu`: a random mamba-130m-shaped checkpoint in mamba_ssm's layout (fp16; the demo's word-level
   tokenizer) and a LAMBADA-style task of --docs distinct documents (the demo documents, each with

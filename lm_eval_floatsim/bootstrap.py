@@ -108,7 +108,7 @@ def python_sum(rows: np.ndarray) -> np.ndarray:
 def running_sums(rows: np.ndarray) -> np.ndarray:
     """Each row's running sum, added left to right in float64 (np.cumsum's numbers). torch's cumsum
     computes the same sequence of additions and, unlike numpy's (2.x), releases the GIL while it
-    runs: with numpy's, the pool's threads took turns and 16 cores did the work of about 3."""
+    runs: with numpy's, the pool's threads took turns (docs/BENCHMARKS.md)."""
     import torch
 
     return torch.cumsum(torch.from_numpy(rows), dim=1).numpy()
