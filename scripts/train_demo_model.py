@@ -34,7 +34,7 @@ Measured for the shipped model (default arguments with `--threads 1`, on the pro
     A rerun of the same command on the same machine (load higher, 1304 s) wrote a byte-identical
     model.safetensors, with the same loss and accuracy at every logged step.
 lm_eval with `--model mamba_floatsim --include_path examples/demo/task --tasks demo_lambada`
-(2000 passages) then gives the accuracies in the README's demo section: int8 about 0.03 (3
+(2000 passages) then gives the accuracies in the README's demo section: int8 0.027 (2.5
 standard errors) below fp, better (2025) with the int8 range no better than int8, and better
 with clamp=none back at fp: the loss is the outliers' clipping, not the rounding.
 Runs on different torch builds agree to the third decimal of the loss for the first 100 steps and
