@@ -2,7 +2,8 @@
 
 `lm_eval_command(*argv)` runs lm-eval's own command line (`lm_eval ...`, its `cli_evaluate`) in
 this process; `saved_runs(output_path)` reads back what runs saved under an output path, keyed by
-their model arguments, without the fields lm-eval itself varies from run to run (dates, timings).
+their model arguments, without the fields lm-eval itself varies from run to run (dates, timings);
+`counting(function, calls)` wraps a function to record its calls (what is done once per process).
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from pathlib import Path
 
 # Fields of a results file that lm-eval sets from the clock.
 CLOCK_FIELDS = ("date", "start_time", "end_time", "total_evaluation_time_seconds")
+
+
+def counting(function, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return counted
 
 
 def lm_eval_command(*argv) -> None:

@@ -11,16 +11,8 @@ import json
 import matplotlib.image
 import pytest
 
-from helpers_lm_eval import differences, lm_eval_command, saved_runs
+from helpers_lm_eval import counting, differences, lm_eval_command, saved_runs
 from lm_eval_floatsim import cli, sensitivity, sweep
-
-
-def counting(function, calls: list):
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return function(*args, **kwargs)
-
-    return counted
 
 
 def sensitivity_cli(tmp_path, model_args, task_dir, *options) -> int:

@@ -18,7 +18,7 @@ import pytest
 from lm_eval.api.model import LM
 
 from conftest import N_DOCS
-from helpers_lm_eval import differences, lm_eval_command, saved_runs
+from helpers_lm_eval import counting, differences, lm_eval_command, saved_runs
 from helpers_runs import dump_name, make_dump, make_scales
 from lm_eval_floatsim import cli, sweep
 from lm_eval_floatsim.runs import find_runs, summarize
@@ -89,14 +89,6 @@ def fakes(tmp_path, monkeypatch):
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
     monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
     return built, calls
-
-
-def counting(function, calls: list):
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return function(*args, **kwargs)
-
-    return counted
 
 
 def sweep_cli(*argv) -> int:
