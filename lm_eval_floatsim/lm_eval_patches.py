@@ -15,7 +15,9 @@ constructor and `_loglikelihood_tokens` install them, `sweep` the last):
   `lm_eval.evaluator.add_env_info` and `Task.build_all_requests` (reading `Task._instances`,
   `fewshot_rnd`, `dump_config()`), restoring them after; `task_manager_with_metadata` copies a
   TaskManager with another `_factory` (`lm_eval.tasks._factory.TaskFactory`).
-Where an lm-eval lacks what the first two patch, they warn once instead of failing.
+Where an lm-eval lacks what the first two patch, they warn once instead of failing; the bootstrap
+is replaced only on the lm-eval releases whose algorithm `bootstrap` reproduces
+(`REPRODUCED_LM_EVAL`), and the templates only where lm-eval has the function and environment.
 
 `lm_model.FloatSimLM` also relies on HFLM's private members (lm-eval 0.4.13), without patching them:
 - it sets `_model` and `_config` (`_get_config`, `_create_model`; `tokenizer` too), `_rank` and
@@ -42,6 +44,9 @@ from typing import Callable
 import numpy as np
 
 from .errors import FloatSimError
+
+# lm-eval releases whose `bootstrap_stderr` `bootstrap.py` was checked to reproduce bit for bit.
+REPRODUCED_LM_EVAL = ("0.4.13",)
 
 # lm-eval attaches its handler to the "lm_eval" logger only (`lm_eval.utils.setup_logging`, 0.4.13);
 # messages logged beneath it are formatted and filtered like lm-eval's own (LMEVAL_LOG_LEVEL).
@@ -142,12 +147,18 @@ def install_fast_bootstrap() -> None:
     same resamples with numpy and gives the same number bit for bit (tests/test_bootstrap.py),
     and hands every other statistic to lm-eval's own function. Installed once per process.
     """
+    from importlib.metadata import version
+
     from lm_eval.api import metrics
 
     from . import bootstrap
 
     current = metrics.bootstrap_stderr
     if getattr(current, "floatsim_fast", False):
+        return
+    if version("lm_eval") not in REPRODUCED_LM_EVAL:
+        warn_once(f"lm-eval {version('lm_eval')} may bootstrap otherwise than {', '.join(REPRODUCED_LM_EVAL)}: "
+                  "its own (slower) bootstrap computes the standard errors")
         return
     fast = functools.partial(bootstrap.bootstrap_stderr, original=current)
     fast.floatsim_fast = True
@@ -165,6 +176,9 @@ def install_compiled_templates() -> None:
     """
     from lm_eval import utils
 
+    if not (hasattr(utils, "apply_template") and hasattr(utils, "env")):
+        warn_once("this lm-eval has no utils.apply_template or utils.env: its prompt templates are compiled per document")
+        return
     if getattr(utils.apply_template, "floatsim_compiled_once", False):
         return
     compiled = functools.lru_cache(maxsize=1024)(utils.env.from_string)

@@ -67,3 +67,25 @@ def test_fast_bootstrap_wraps_lm_evals_function_once(lm_evals_own):
     # what bootstrap.py cannot reproduce (a median) is lm-eval's own, through the patch
     xs = [0.5, 0.25, 0.125, 1.0]
     assert metrics.bootstrap_stderr(metrics.median, xs, 1000) == original(metrics.median, xs, 1000)
+
+
+def test_another_lm_eval_keeps_its_own_bootstrap(lm_evals_own, monkeypatch, caplog):
+    """bootstrap.py reproduces lm-eval 0.4.13's algorithm: on a release it was not checked against,
+    lm-eval's own function computes the standard errors, and the run says so once."""
+    _, original = lm_evals_own
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.4.99" if name == "lm_eval" else "0")
+    lm_eval_patches.warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger=lm_eval_patches.logger.name):
+        lm_eval_patches.install_fast_bootstrap()
+    assert metrics.bootstrap_stderr is original
+    assert "lm-eval 0.4.99 may bootstrap otherwise than 0.4.13" in caplog.text
+
+
+def test_an_lm_eval_without_its_template_environment_keeps_its_templates(lm_evals_own, monkeypatch, caplog):
+    original, _ = lm_evals_own
+    monkeypatch.delattr(utils, "env")
+    lm_eval_patches.warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger=lm_eval_patches.logger.name):
+        lm_eval_patches.install_compiled_templates()
+    assert utils.apply_template is original
+    assert "compiled per document" in caplog.text
