@@ -170,7 +170,7 @@ def assert_same_statistics(recorder, expected, expected_out):
     for column in (SUM_ABS_ERR, SUM_SQ_ERR):
         assert got[column].item() == pytest.approx(want[column].item(), rel=5e-3, abs=1e-30), column
     finite = expected_out.float()[expected_out.isfinite()]
-    ulp = np.spacing(np.float32(finite.abs().max().item()))
+    ulp = float(np.spacing(np.float32(finite.abs().max().item())))
     assert recorder.maxes[0].cpu().item() == pytest.approx(expected.maxes[0].item(), rel=1e-6, abs=4 * ulp)
 
 
