@@ -108,6 +108,31 @@ def clamp_codes(rounded: torch.Tensor, code_range: Optional[tuple[float, float]]
     return codes, codes != rounded
 
 
+def value_bounds(scale: float, code_range: tuple[float, float], rounding: str) -> Optional[tuple[float, float]]:
+    """(A, B): the smallest fp32 value whose fp32 code (`quantize_codes` before clamping) is at
+    least lo, and the largest whose code is at most hi. A code is a monotone function of the
+    value, so clamp(code(t), lo, hi) = code(clamp(t, A, B)) for every t (NaN stays NaN), and
+    clamping changes a code exactly where t lies outside [A, B]: the fused kernel clamps values,
+    which bounds its quotients. Found among the fp32 neighbours of (lo - 1/2) * scale and
+    (hi + 1/2) * scale; None where those do not hold the boundary (no scale in the kernel's
+    range does that)."""
+    lo, hi = code_range
+    first, last = (_fp32_neighbours(np.float32(value * scale)) for value in (lo - 0.5, hi + 0.5))
+    first_codes, last_codes = (round_codes(divide_by_scale(torch.from_numpy(t), scale), rounding).numpy() for t in (first, last))
+    if first_codes[0] >= lo or first_codes[-1] < lo or last_codes[0] > hi or last_codes[-1] <= hi:
+        return None
+    return float(first[first_codes >= lo][0]), float(last[last_codes <= hi][-1])
+
+
+def _fp32_neighbours(center: np.float32, count: int = 32) -> np.ndarray:
+    """The 2 * count + 1 consecutive fp32 values around `center`, in increasing order."""
+    below, above = [center], [center]
+    for _ in range(count):
+        below.append(np.nextafter(below[-1], np.float32(-np.inf)))
+        above.append(np.nextafter(above[-1], np.float32(np.inf)))
+    return np.array(below[:0:-1] + above, dtype=np.float32)
+
+
 def silu(v: torch.Tensor) -> torch.Tensor:
     """SiLU as the INT8 kernel's epilogue writes it, v / (1 + exp(-v)), used by every mode."""
     return v / (1 + torch.exp(-v))

@@ -264,6 +264,52 @@ def divide_as_the_kernel_does(t, scale):
     return np.where(np.abs(q0) <= np.finfo(np.float32).max, q2, q0)
 
 
+def silu_quotient_as_the_kernel_does(v, d, estimate):
+    """conv_silu_triton._silu_quotient's steps, in numpy fp32 with exact FMAs, from the
+    reciprocal estimate y0 that rcp.approx gave."""
+    y1 = fma32(fma32(-d, estimate, 1), estimate, estimate)
+    q0 = v * y1
+    return fma32(fma32(q0, d, -v), -y1, q0)
+
+
+def silu_preactivations(rng):
+    """v across `_silu_quotient`'s domain |v| <= 80: every fp16 value there, random values of every
+    exponent, tiny and subnormal ones, the domain's ends."""
+    fp16 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    wide = (rng.standard_normal(50_000) * 2.0 ** rng.integers(-149, 7, 50_000)).astype(np.float32)
+    edges = np.float32([0.0, -0.0, 80.0, -80.0, 1e-45, -1e-45, 2.0**-126, -(2.0**-126), 2.0**-25, -(2.0**-25)])
+    v = np.concatenate([fp16, wide, edges])
+    return v[np.abs(v) <= 80]
+
+
+def silu_quotient_cases(rng):
+    """(v, d): SiLU's own, d = 1 + exp(-v) in fp32 for `silu_preactivations`, and pairs with d
+    anywhere in [1, 2**116] whose quotient lies next to a midpoint of two fp32 values (v is such a
+    midpoint times d, rounded)."""
+    v = silu_preactivations(rng)
+    d = (np.float32(1) + np.exp(-v)).astype(np.float32)
+    d_wide = (2.0 ** rng.uniform(0, 116, 50_000)).astype(np.float32)
+    q = (2.0 ** rng.uniform(-100, 6, 50_000)).astype(np.float32)
+    midpoints = (q.astype(np.float64) + np.nextafter(q, np.float32(np.inf)).astype(np.float64)) / 2
+    v_mid = (midpoints * d_wide * rng.choice([-1, 1], 50_000)).astype(np.float32)
+    return np.concatenate([v, v_mid]), np.concatenate([d, d_wide])
+
+
+def test_silu_quotient_is_correctly_rounded():
+    """SiLU's division v / d through a reciprocal estimate and two FMA corrections, where the kernel
+    uses it (|v| <= SILU_DOMAIN, d >= 1): IEEE's correctly rounded quotient bit for bit, signed
+    zeros included, from the correctly rounded reciprocal and from either neighbour of it
+    (rcp.approx is within an ulp of 1 / d). Where |v| < 2**-25, d is 2 and its estimate 1/2."""
+    v, d = silu_quotient_cases(np.random.default_rng(0))
+    want = v / d
+    nearest = np.float32(1) / d
+    for estimate in (nearest, np.nextafter(nearest, np.float32(0)), np.nextafter(nearest, np.float32(1))):
+        estimate = np.where(d == 2, np.float32(0.5), estimate)
+        got = silu_quotient_as_the_kernel_does(v, d, estimate)
+        same = got.view(np.uint32) == want.view(np.uint32)
+        assert same.all(), (v[~same][:5], d[~same][:5], got[~same][:5], want[~same][:5])
+
+
 def division_cases(scale, rng):
     """Every finite fp16 value (all conv inputs of an fp16 model), fp32 values across the exponent
     range, and values within a few ulps of the rounding ties (k + 1/2) * scale that decide codes."""
@@ -383,6 +429,18 @@ def _interpreter_libdevice():
     )
 
 
+def _interpreter_reciprocal_estimate():
+    """rcp.approx (inline PTX, which the interpreter cannot run) as numpy's correctly rounded
+    reciprocal: one of the estimates test_silu_quotient_is_correctly_rounded covers."""
+    import triton
+
+    @triton.jit
+    def reciprocal(d):
+        return 1.0 / d
+
+    return reciprocal
+
+
 def _let_the_interpreter_loop_to_a_runtime_bound():
     """Triton 3.6's interpreter turns a scalar argument into a 1-element array, which numpy 2 no
     longer converts with int(): `range(length)` fails. Take its one element instead."""
@@ -415,6 +473,7 @@ def _interpreted_checks():
     from lm_eval_floatsim.kernels import selective_scan_triton as scan_module
 
     module.libdevice = scan_module.libdevice = _interpreter_libdevice()
+    module._reciprocal_estimate = _interpreter_reciprocal_estimate()
     _let_the_interpreter_loop_to_a_runtime_bound()
     _let_the_interpreter_reduce_tuples_over_all_axes()
     from lm_eval_floatsim.kernels import rms_norm_triton
@@ -572,7 +631,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from lm_eval_floatsim.kernels.conv_silu_triton import COMPILE_OPTIONS, ROUNDING_IDS, _code, _divide
+    from lm_eval_floatsim.kernels.conv_silu_triton import COMPILE_OPTIONS, MODE_FP, ROUNDING_IDS, _code, _divide, _silu
 
     @triton.jit
     def _round_kernel(q_ptr, out_ptr, n, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
@@ -593,6 +652,26 @@ if HAS_TRITON:
         inside = offsets < n
         t = tl.load(t_ptr + offsets, mask=inside, other=1.0)
         tl.store(out_ptr + offsets, _divide(t, scale, reciprocal, False), mask=inside)
+
+
+    @triton.jit
+    def _silu_kernel(v_ptr, out_ptr, n, EXACT: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        tl.store(out_ptr + offsets, _silu(tl.load(v_ptr + offsets, mask=inside), MODE_FP, EXACT), mask=inside)
+
+
+@cuda_only
+def test_gpu_silu_quotient_is_div_rn():
+    """The compiled `_silu_quotient` (rcp.approx and FMA corrections) against div_rn, both after
+    the same exp, bit for bit, on every v of its domain the CPU test covers."""
+    v = torch.from_numpy(silu_preactivations(np.random.default_rng(2))).cuda()
+    got, want = torch.empty_like(v), torch.empty_like(v)
+    for out, exact in ((got, False), (want, True)):
+        _silu_kernel[(triton.cdiv(v.numel(), 1024),)](v, out, v.numel(), EXACT=exact, BLOCK=1024, **COMPILE_OPTIONS)
+    got, want = got.cpu().numpy(), want.cpu().numpy()
+    same = got.view(np.uint32) == want.view(np.uint32)
+    assert same.all(), (v.cpu().numpy()[~same][:5], got[~same][:5], want[~same][:5])
 
 
 @cuda_only

@@ -31,6 +31,7 @@ from lm_eval_floatsim.quant import (
     quantize_operands,
     round_half_away,
     round_half_even,
+    value_bounds,
 )
 
 K = 4
@@ -460,6 +461,40 @@ def test_same_clamps_to_int8_range():
     unclamped = ref_half_away(got.before.numpy() / f32(scales.output))
     assert np.array_equal(codes, np.clip(unclamped, INT8_LO, INT8_HI))
     assert codes.max() == INT8_HI and codes.min() == INT8_LO
+
+
+# The kernel's scales: int8's and `better`'s code ranges, calibration-like scales, the ends of the
+# kernel's SCALE_RANGE, and a scale whose mantissa is all ones.
+BOUND_CASES = [
+    (scale, code_range, rounding)
+    for scale in (3.7 / 127, 0.0123, 1.0, 2.0**-100, 2.0**100, float(np.nextafter(f32(2), f32(0))) * 2.0**-9)
+    for code_range in ((INT8_LO, INT8_HI), (-128 * 2025, 127 * 2025), (-floor(128 * 2.5), floor(127 * 2.5)))
+    for rounding in ("half_away", "half_even")
+]
+
+
+@pytest.mark.parametrize("scale, code_range, rounding", BOUND_CASES)
+def test_value_bounds_are_the_last_values_inside_the_code_range(scale, code_range, rounding):
+    """A is the smallest fp32 value whose code reaches lo and B the largest whose code stays at or
+    below hi, so that (codes being monotone) clamping the value to [A, B] clamps its code to the
+    range, and a code was clamped exactly where the value lies outside [A, B]: checked on the
+    bounds' neighbours and on values across and beyond the range, infinities included."""
+    lo, hi = code_range
+    bounds = value_bounds(scale, code_range, rounding)
+    reference = ref_half_away if rounding == "half_away" else ref_half_even
+
+    def code(values):
+        return reference(np.asarray(values, dtype=f32) / f32(scale))
+
+    A, B = f32(bounds[0]), f32(bounds[1])
+    assert code(A) >= lo > code(np.nextafter(A, f32(-np.inf)))
+    assert code(B) <= hi < code(np.nextafter(B, f32(np.inf)))
+    rng = np.random.default_rng(0)
+    around = np.concatenate([A + np.arange(-40, 41) * np.spacing(A), B + np.arange(-40, 41) * np.spacing(B)])
+    values = np.concatenate([around, rng.uniform(2 * lo, 2 * hi, 10_000) * scale, [np.inf, -np.inf, 0.0, -0.0]]).astype(f32)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(code(np.clip(values, A, B)), np.clip(code(values), lo, hi))
+        assert np.array_equal((values < A) | (values > B), (code(values) < lo) | (code(values) > hi))
 
 
 # ---------------------------------------------------------------- rounding

@@ -9,11 +9,15 @@ reference's bit for bit:
   flush-to-zero, which Triton turns on by default);
 - divisions are correctly rounded, as torch's are: by a quantization scale through its correctly
   rounded reciprocal and two FMA corrections (`_divide`: exact, and a few FMAs where div_rn takes a
-  dozen instructions and a branch), the SiLU's with div_rn;
+  dozen instructions and a branch), the SiLU's through an estimated reciprocal and FMA corrections
+  where the preactivation lies in the domain that makes them exact (`_silu_quotient`), with div_rn
+  in a program that meets one outside it;
 - the int8 kernel's integer accumulation runs in fp32, where it is exact: |acc| <= 4 * 128 * 128
   < 2**24, and a NaN input poisons its windows as quant._int8_kernel_preactivation does;
 - rounding gives quant.round_half_away's and quant.round_half_even's results, signed zeros
-  included; clamping keeps NaN, as torch.clamp does. Both are written once, below.
+  included; clamping keeps NaN, as torch.clamp does. Both are written once, below. Codes are
+  clamped by clamping the values they come from (`quant.value_bounds`), which is the same and
+  spares the division its overflow guard.
 Only exp is not the CPU's: libdevice's expf and the CPU's may differ in the last bit, which can move
 a code only where y / scale sits within an ulp of a rounding tie.
 
@@ -29,9 +33,10 @@ a turn, unrolled, so that passing the window on costs no register moves, and loa
 while the turn before computes.
 
 The statistics' exact bookkeeping (a comparison and selects per value) took a quarter of the
-kernel's time, so they are kept a cheaper way that is exact only where every value is finite; a
-program that meets a value that is not (NaN or infinite input, an overflowing conv) walks its
-chunks a second time, the exact way (see `_walk`).
+kernel's time, so they are kept a cheaper way that is exact only where every value is finite. A
+program that meets a value that is not (NaN or infinite input, an overflowing conv), or a
+preactivation outside `_silu_quotient`'s domain, walks its chunks a second time, the exact way,
+and stores its outputs again (see `_walk`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ MODE_IDS = {modes.FP: MODE_FP.value, modes.INT8_KERNEL: MODE_INT8.value, modes.F
 ROUNDING_IDS = {name: index for index, name in enumerate(modes.ROUNDINGS)}
 HALF_AWAY = tl.constexpr(ROUNDING_IDS["half_away"])
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX: finite (NaN compares false)
+SILU_DOMAIN = tl.constexpr(80.0)  # |v| up to which `_silu_quotient` divides correctly
 SIGN_BIT = tl.constexpr(0x80000000)
 HALF_BITS = tl.constexpr(0x3F000000)  # 0.5
 # Compile options of every launch: libdevice without flush-to-zero (Triton's default flushes
@@ -154,26 +160,35 @@ def launch_config(batch: int, length: int, channels: int, quantized: bool) -> tu
 @functools.lru_cache(maxsize=4096)
 def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]) -> dict:
     """The kernel's mode ids and fp32 scalars, all taken from quant.py's definitions:
-    (in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi) and the correctly rounded
-    reciprocals of the four quantization scales (in, weight, bias, out); whether every scale is in
-    SCALE_RANGE."""
+    (in_scale, weight_scale, bias_scale, acc_scale, out_scale), the correctly rounded reciprocals
+    of the four quantization scales (in, weight, bias, out) and the value bounds (`quant.value_bounds`)
+    of the input's codes and of the output's code range; whether every scale is in SCALE_RANGE
+    (and the bounds were found)."""
     if not spec.quantized:
-        scalars = (1.0,) * 5 + (0.0, 0.0) + (1.0,) * 4
+        scalars = (1.0,) * 9 + (0.0,) * 4
         return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "operand_rounding": HALF_AWAY.value, "clamp": False,
                 "scales_in_range": True, "scalars": scalars}
     s_x, s_w, s_b = (_fp32(value) for value in (scales.input, scales.weight, scales.bias))
     acc_scale = _fp32(np.float32(s_w) * np.float32(s_x))  # quant: fp32(s_w) * fp32(s_x), in fp32
     s_y = _fp32(spec.effective_scale(scales.output))
     code_range = spec.code_range()
-    lo, hi = (_fp32(bound) for bound in code_range) if code_range is not None else (0.0, 0.0)
     divisors = (s_x, s_w, s_b, s_y)
+    in_range = all(SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] for scale in divisors)
+    input_bounds = quant.value_bounds(s_x, quant.INT8_RANGE, quant.KERNEL_ROUNDING) if in_range else None
+    fast = spec.epilogue_math == "fast"
+    output_bounds = (0.0, 0.0)
+    if code_range is not None and fast:  # its quotient is not torch's: the codes are clamped
+        output_bounds = tuple(_fp32(bound) for bound in code_range)
+    elif code_range is not None and in_range:
+        output_bounds = quant.value_bounds(s_y, code_range, spec.output_rounding)
     return {
-        "mode": MODE_INT8_FAST.value if spec.epilogue_math == "fast" else MODE_IDS[spec.kind.arithmetic],
+        "mode": MODE_INT8_FAST.value if fast else MODE_IDS[spec.kind.arithmetic],
         "rounding": ROUNDING_IDS[spec.output_rounding],
         "operand_rounding": ROUNDING_IDS[spec.operand_rounding],
         "clamp": code_range is not None,
-        "scales_in_range": all(SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] for scale in divisors),
-        "scalars": (s_x, s_w, s_b, acc_scale, s_y, lo, hi) + tuple(_reciprocal(scale) for scale in divisors),
+        "scales_in_range": in_range and input_bounds is not None and output_bounds is not None,
+        "scalars": (s_x, s_w, s_b, acc_scale, s_y) + tuple(_reciprocal(scale) for scale in divisors)
+        + (input_bounds or (0.0, 0.0)) + (output_bounds or (0.0, 0.0)),
     }
 
 
@@ -193,9 +208,9 @@ def _reciprocal(scale: float) -> float:
 
 
 @triton.jit
-def _code(t, scale, reciprocal, ROUNDING: tl.constexpr):
+def _code(t, scale, reciprocal, ROUNDING: tl.constexpr, BOUNDED: tl.constexpr = False):
     """quant.round_codes(t / scale) bit for bit, signed zeros included: the quotient torch
-    computes (`_divide`), rounded.
+    computes (`_divide`; BOUNDED: t was clamped to a code range's `quant.value_bounds`), rounded.
 
     Half away from zero is floor(|q| + 1/2) with q's sign, as trunc(q + copysign(1/2, q)) with the
     sum rounded toward zero: it reaches the next integer only where the exact sum does (rounded to
@@ -204,9 +219,9 @@ def _code(t, scale, reciprocal, ROUNDING: tl.constexpr):
     plus +0.0 gives here too. Half to even is rint, which keeps the quotient's zero.
     """
     if ROUNDING == HALF_AWAY:
-        return _round_half_away(_divide(t, scale, reciprocal, True))
+        return _round_half_away(_divide(t, scale, reciprocal, True, BOUNDED))
     else:
-        return libdevice.rint(_divide(t, scale, reciprocal, False))
+        return libdevice.rint(_divide(t, scale, reciprocal, False, BOUNDED))
 
 
 @triton.jit
@@ -222,7 +237,7 @@ def _clamp(t, lo, hi):
 
 
 @triton.jit
-def _divide(t, scale, reciprocal, POSITIVE_ZERO: tl.constexpr):
+def _divide(t, scale, reciprocal, POSITIVE_ZERO: tl.constexpr, BOUNDED: tl.constexpr = False):
     """RN(t / scale), the quotient torch computes, for a scale in SCALE_RANGE and its reciprocal
     y = RN(1 / scale); with POSITIVE_ZERO, RN(t / scale) + 0.0 (a -0.0 quotient is +0.0), at no
     cost: +0.0 is the first product's addend.
@@ -240,7 +255,8 @@ def _divide(t, scale, reciprocal, POSITIVE_ZERO: tl.constexpr):
     an ulp of 2**-150, which no fp16 input and no SiLU output reaches). NaN and infinite t give
     q0, where the corrections would make NaN of inf. Where t * y overflows, t / scale lies within
     2**-24 of FLT_MAX, whose codes clamp alike (only `better` with clamp=none could see inf where
-    torch has FLT_MAX).
+    torch has FLT_MAX). A BOUNDED t (clamped to `quant.value_bounds`: finite or NaN, its quotient a
+    few hundred thousand at most) needs no such guard.
     """
     minus_reciprocal = -reciprocal  # a scalar: negating a tensor costs an instruction per value
     minus_t = t * -1.0  # folded into the FMAs (0.0 - t, Triton's -t, is an instruction, and +0.0 at t = +0.0)
@@ -250,7 +266,10 @@ def _divide(t, scale, reciprocal, POSITIVE_ZERO: tl.constexpr):
         q0 = libdevice.mul_rn(t, reciprocal)
     q1 = libdevice.fma(libdevice.fma(q0, scale, minus_t), minus_reciprocal, q0)
     q2 = libdevice.fma(libdevice.fma(q1, scale, minus_t), minus_reciprocal, q1)
-    return tl.where(tl.abs(q0) <= FLT_MAX, q2, q0)
+    if BOUNDED:
+        return q2
+    else:
+        return tl.where(tl.abs(q0) <= FLT_MAX, q2, q0)
 
 
 @triton.jit
@@ -260,14 +279,47 @@ def _operand_codes(t, scale, reciprocal, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def _silu(v, MODE: tl.constexpr):
+def _silu(v, MODE: tl.constexpr, EXACT: tl.constexpr):
     """quant.silu: v / (1 + exp(-v)), or quant.fast_silu for the fast-math INT8 kernel. (v * -1.0
     is -v, which the compiler folds into exp's first instruction; Triton's -v is 0.0 - v, one more
-    instruction per value.)"""
+    instruction per value.) The division is correctly rounded both ways: div_rn (EXACT), or
+    `_silu_quotient`, which is so only where |v| <= SILU_DOMAIN (the caller checks)."""
     if MODE == MODE_INT8_FAST:
         return _fast_silu(v)
     else:
-        return libdevice.div_rn(v, libdevice.add_rn(1.0, libdevice.exp(v * -1.0)))
+        denominator = libdevice.add_rn(1.0, libdevice.exp(v * -1.0))
+        if EXACT:
+            return libdevice.div_rn(v, denominator)
+        else:
+            return _silu_quotient(v, denominator)
+
+
+@triton.jit
+def _silu_quotient(v, d):
+    """RN(v / d) for d = 1 + exp(-v) and |v| <= SILU_DOMAIN: div_rn's own fast path without its
+    range check (FCHK) and the branch around the slow path, 4 of its 10 instructions.
+
+    y0 = rcp.approx(d); y1 = y0 + y0 * (1 - d * y0) is within an ulp of 1 / d; q0 = RN(v * y1) is
+    within an ulp of v / d; the remainder d * q0 - v is then exact in an FMA, and
+    RN(q0 - (d * q0 - v) * y1) is RN(v / d) (Markstein's theorem), provided nothing over- or
+    underflows. Where |v| <= 80: 1 <= d <= 1 + e**80 < 2**116, so 1 / d is normal, and v / d is 0 or
+    at least 2**-109 in magnitude, unless |v| < 2**-25, where exp(-v) is 1, d is 2 and y1 is 1/2
+    exactly, and every step is exact to the last subnormal bit. (The remainders are taken as
+    d * q - v, as in `_divide`, so that a zero quotient keeps v's sign.)
+    """
+    minus_d = d * -1.0
+    y0 = _reciprocal_estimate(d)
+    y1 = libdevice.fma(libdevice.fma(minus_d, y0, 1.0), y0, y0)
+    q0 = libdevice.mul_rn(v, y1)
+    return libdevice.fma(libdevice.fma(q0, d, v * -1.0), y1 * -1.0, q0)
+
+
+@triton.jit
+def _reciprocal_estimate(d):
+    """rcp.approx.ftz.f32 (MUFU.RCP): 1 / d within an ulp, for the normal d `_silu_quotient` sees."""
+    return tl.inline_asm_elementwise(
+        "rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32, is_pure=True, pack=1
+    )
 
 
 # The fast-math epilogue (quant.py, kernel_math=fast) as the PTX nvcc -O3 --use_fast_math emits for
@@ -307,15 +359,33 @@ def _fast_preactivation(acc, acc_scale, bias_term):
 
 @triton.jit
 def _conv_operand(raw, scale, reciprocal, MODE: tl.constexpr, ROUNDING: tl.constexpr):
-    """A conv operand (input or weight) as the mode sees it: the value (fp), its int8 code
-    (int8), or the code dequantized (same/better)."""
+    """A conv weight as the mode sees it: the value (fp), its int8 code (int8), or the code
+    dequantized (same/better)."""
     value = raw.to(tl.float32)
     if MODE == MODE_FP:
         return value
-    elif MODE == MODE_INT8 or MODE == MODE_INT8_FAST:
-        return _operand_codes(value, scale, reciprocal, ROUNDING)
     else:
-        return libdevice.mul_rn(_operand_codes(value, scale, reciprocal, ROUNDING), scale)
+        return _dequantized(_operand_codes(value, scale, reciprocal, ROUNDING), scale, MODE)
+
+
+@triton.jit
+def _input_operand(raw, in_scale, in_reciprocal, in_lo, in_hi, MODE: tl.constexpr):
+    """A conv input as the mode sees it, `_conv_operand`'s, with its code range's clamp taken
+    on the value (`quant.value_bounds`), where it spares the division's overflow guard."""
+    value = raw.to(tl.float32)
+    if MODE == MODE_FP:
+        return value
+    else:
+        return _dequantized(_code(_clamp(value, in_lo, in_hi), in_scale, in_reciprocal, HALF_AWAY, True), in_scale, MODE)
+
+
+@triton.jit
+def _dequantized(codes, scale, MODE: tl.constexpr):
+    """int8: the codes; same/better: the codes times their scale."""
+    if MODE == MODE_INT8 or MODE == MODE_INT8_FAST:
+        return codes
+    else:
+        return libdevice.mul_rn(codes, scale)
 
 
 @triton.jit
@@ -381,12 +451,13 @@ def _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, t, d, d_ok, length):
 
 
 @triton.jit
-def _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, first, d, d_ok, length, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
-    """The UNROLL rows of positions starts + first + step, as a tuple; none past the chunk."""
+def _load_turn(x_rows, x_at, sx_l, first: tl.constexpr, ahead, d_ok, UNROLL: tl.constexpr):
+    """The UNROLL rows at steps first + step from `x_rows`, as a tuple; zeros from `ahead` steps on
+    (the chunk's or the sequence's end)."""
     rows = ()
     for step in tl.static_range(UNROLL):
-        t = tl.where(first + step < CHUNK, starts + (first + step), length)
-        rows = rows + (_load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, t, d, d_ok, length),)
+        inside = (first + step < ahead)[:, None] & d_ok[None, :]
+        rows = rows + (tl.load(x_rows + (x_at + (first + step) * sx_l), mask=inside, other=0.0),)
     return rows
 
 
@@ -441,7 +512,8 @@ def _walk(
 ):  # fmt: skip
     """The conv over a program's GROUP chunks, step by step: stores the output (STORE) and returns
     the statistics' five per-lane accumulators (sum |error|, sum before**2, sum error**2,
-    max |error|, tallies) over real positions, kept one of two ways (STATS):
+    max |error|, tallies) over real positions, and the largest |preactivation| per lane (where not
+    EXACT). EXACT divides for SiLU with div_rn. The statistics are kept one of two ways (STATS):
     - the fast way multiplies each value by its position's realness (1.0 or 0.0) and tallies the
       clamped values: no comparison and no select per value but the clamp's. Where every value
       is finite, its sums are the exact way's; where one is not, the sum of |error| or of
@@ -455,58 +527,70 @@ def _walk(
     mask_ptr, sm_b, sm_l = padding
     out_ptr, so_b, so_l, so_d = target
     w0, w1, w2, w3, bias_term = weights
-    in_scale, in_reciprocal = input_scales
-    acc_scale, out_scale, out_reciprocal, lo, hi = output_scales
+    in_scale, in_reciprocal, in_lo, in_hi = input_scales
+    acc_scale, out_scale, out_reciprocal, out_lo, out_hi = output_scales
 
-    x0 = _conv_operand(
+    x0 = _input_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 3, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE, HALF_AWAY,
+        in_scale, in_reciprocal, in_lo, in_hi, MODE,
     )  # fmt: skip
-    x1 = _conv_operand(
+    x1 = _input_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 2, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE, HALF_AWAY,
+        in_scale, in_reciprocal, in_lo, in_hi, MODE,
     )  # fmt: skip
-    x2 = _conv_operand(
+    x2 = _input_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 1, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, MODE, HALF_AWAY,
+        in_scale, in_reciprocal, in_lo, in_hi, MODE,
     )  # fmt: skip
 
     zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
-    sum_abs, sum_signal, sum_sq, max_err, tallies = zeros, zeros, zeros, zeros, zeros
+    sum_abs, sum_signal, sum_sq, max_err, tallies, largest_v = zeros, zeros, zeros, zeros, zeros, zeros
     pending_bits = real_bits  # shifted by a turn at each turn: bit `step` is this turn's step
-    rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, 0, d, d_ok, length, CHUNK, UNROLL)
-    for turn in range(0, CHUNK, UNROLL):
+    # Each turn moves the rows' pointers on and counts down the steps left in each chunk (to its
+    # end or the sequence's): a step's address is a pointer plus a constant multiple of the
+    # stride, its mask one comparison with a constant. (Positions counted from the loop's index
+    # made the compiler widen it to 64 bits, with two instructions per comparison.)
+    x_rows = x_ptr + batch * sx_b + starts[:, None].to(tl.int64) * sx_l + d[None, :] * sx_d
+    out_rows = out_ptr + batch * so_b + starts[:, None].to(tl.int64) * so_l + d[None, :] * so_d
+    ahead = tl.minimum(length - starts, CHUNK)
+    x_at, out_at = 0, 0
+    rows = _load_turn(x_rows, x_at, sx_l, 0, ahead, d_ok, UNROLL)
+    for _ in range(0, CHUNK, UNROLL):
         # The next turn's rows are loaded before this turn's are computed: their latency overlaps.
-        next_rows = _load_turn(x_ptr, sx_b, sx_l, sx_d, batch, starts, turn + UNROLL, d, d_ok, length, CHUNK, UNROLL)
+        next_rows = _load_turn(x_rows, x_at, sx_l, UNROLL, ahead, d_ok, UNROLL)
         for step in tl.static_range(UNROLL):
-            t = starts + (turn + step)
             bit = (pending_bits[:, None] >> step) & 1
             real = bit != 0
             raw = rows[step]
             if ZERO_PADDING:
-                x3 = _conv_operand(tl.where(real, raw, 0.0), in_scale, in_reciprocal, MODE, HALF_AWAY)
+                x3 = _input_operand(tl.where(real, raw, 0.0), in_scale, in_reciprocal, in_lo, in_hi, MODE)
             else:
-                x3 = _conv_operand(raw, in_scale, in_reciprocal, MODE, HALF_AWAY)
-            before = _silu(_preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE), MODE)
+                x3 = _input_operand(raw, in_scale, in_reciprocal, in_lo, in_hi, MODE)
+            v = _preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE)
+            before = _silu(v, MODE, EXACT)
+            if not EXACT and MODE != MODE_INT8_FAST:
+                largest_v = tl.maximum(largest_v, tl.abs(v))  # NaN passes: its quotient is NaN either way
             if MODE == MODE_FP:
                 after = before
             else:
-                if MODE == MODE_INT8_FAST:
+                if MODE == MODE_INT8_FAST:  # out_lo, out_hi: the code range itself
                     rounded = _round_half_away(_fast_quotient(before, out_scale))
+                    codes = _clamp(rounded, out_lo, out_hi)
+                    clamped = codes != rounded
+                elif CLAMP:  # clamped on the value (`quant.value_bounds`)
+                    kept = _clamp(before, out_lo, out_hi)
+                    codes = _code(kept, out_scale, out_reciprocal, ROUNDING, True)
+                    clamped = kept != before
                 else:
-                    rounded = _code(before, out_scale, out_reciprocal, ROUNDING)
-                if CLAMP:
-                    codes = _clamp(rounded, lo, hi)
-                else:
-                    codes = rounded
+                    codes = _code(before, out_scale, out_reciprocal, ROUNDING)
                 after = libdevice.mul_rn(codes, out_scale)
             if STORE:
-                offsets = batch * so_b + t[:, None].to(tl.int64) * so_l + d[None, :] * so_d
-                in_sequence = (t < length)[:, None] & d_ok[None, :]
+                targets = out_rows + (out_at + step * so_l)
+                in_sequence = (step < ahead)[:, None] & d_ok[None, :]
                 if ZERO_PADDING:
-                    tl.store(out_ptr + offsets, tl.where(real, after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
+                    tl.store(targets, tl.where(real, after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
                 else:
-                    tl.store(out_ptr + offsets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
+                    tl.store(targets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
 
             if STATS:
                 if EXACT:
@@ -515,7 +599,7 @@ def _walk(
                     error = tl.where(counted, error, 0.0)
                     signal = tl.where(counted, before, 0.0)
                     if CLAMP:
-                        tallies += tl.where(counted, tl.where(codes != rounded, CHUNK + 2.0, 1.0), 0.0)
+                        tallies += tl.where(counted, tl.where(clamped, CHUNK + 2.0, 1.0), 0.0)
                     else:
                         tallies += counted.to(tl.float32)
                 else:
@@ -524,7 +608,7 @@ def _walk(
                     signal = before * (0.0 - realness)
                     error = libdevice.fma(after, realness, signal)
                     if CLAMP:
-                        tallies += tl.where(codes != rounded, realness, 0.0)
+                        tallies += tl.where(clamped, realness, 0.0)
                 sum_signal += signal * signal
                 if MODE != MODE_FP:  # fp: after is before, and every counted error 0
                     sum_abs += tl.abs(error)
@@ -534,7 +618,10 @@ def _walk(
             x0, x1, x2 = x1, x2, x3
         rows = next_rows
         pending_bits >>= UNROLL
-    return sum_abs, sum_signal, sum_sq, max_err, tallies
+        x_at += UNROLL * sx_l
+        out_at += UNROLL * so_l
+        ahead -= UNROLL
+    return (sum_abs, sum_signal, sum_sq, max_err, tallies), largest_v
 
 
 @triton.jit(do_not_specialize=["length"])
@@ -547,8 +634,9 @@ def _conv_silu_kernel(
     mask_ptr, sm_b, sm_l,
     sums_ptr, maxes_ptr,
     length, channels,
-    in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi,
+    in_scale, weight_scale, bias_scale, acc_scale, out_scale,
     in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
+    in_lo, in_hi, out_lo, out_hi,
     MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
@@ -558,18 +646,22 @@ def _conv_silu_kernel(
         out_ptr, so_b, so_l, so_d, mask_ptr, sm_b, sm_l, length, channels,
     )  # fmt: skip
     quantization = (
-        in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi,
+        in_scale, weight_scale, bias_scale, acc_scale, out_scale,
         in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
+        in_lo, in_hi, out_lo, out_hi,
     )  # fmt: skip
-    totals = _program(
+    totals, largest_v = _program(
         memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
         STORE=True, STATS=STATS, EXACT=False,
     )  # fmt: skip
+    again = largest_v > SILU_DOMAIN  # see _silu_quotient
     if STATS:
-        if not ((totals[SUM_ABS_ERR] <= FLT_MAX) & (totals[SUM_SQ_SIGNAL] <= FLT_MAX)):  # see _walk
-            totals = _program_statistics_exactly(
-                memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL
-            )  # fmt: skip
+        again = again | ~((totals[SUM_ABS_ERR] <= FLT_MAX) & (totals[SUM_SQ_SIGNAL] <= FLT_MAX))  # see _walk
+    if again:
+        totals = _program_exactly(
+            memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, STATS, BLOCK_D, GROUP, CHUNK, UNROLL
+        )  # fmt: skip
+    if STATS:
         slot = (tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))) % SLOTS
         row = sums_ptr + slot * N_SUMS  # the recorder's partial rows (recorder.SLOTS)
         # Relaxed: nothing is read back before the stream ends, and Triton's default (acq_rel)
@@ -580,19 +672,22 @@ def _conv_silu_kernel(
 
 
 @triton.jit(noinline=True)
-def _program_statistics_exactly(
+def _program_exactly(
     memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
-    """The program's statistics the exact way, from a second walk that stores nothing. A function
-    of its own (not inlined), so that the kernel's first walk is compiled as if it were not there:
-    inlined, the two walks shared values, which took the kernel from 104 to 123 registers and
-    made it 4-9% slower."""
-    return _program(
+    """The program again, the exact way (div_rn for SiLU, the statistics' exact bookkeeping),
+    storing its outputs over the first walk's: for a program whose preactivations left
+    `_silu_quotient`'s domain or whose statistics were not finite. A function of its own (not
+    inlined), so that the kernel's first walk is compiled as if it were not there: inlined, the
+    two walks shared values, which took the kernel from 104 to 123 registers and made it 4-9%
+    slower."""
+    totals, _ = _program(
         memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
-        STORE=False, STATS=True, EXACT=True,
+        STORE=True, STATS=STATS, EXACT=True,
     )  # fmt: skip
+    return totals
 
 
 @triton.jit
@@ -602,9 +697,10 @@ def _program(
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
     STORE: tl.constexpr, STATS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
-    """One program's work (`_walk`) and its statistics' totals (`_program_statistics`)."""
+    """One program's work (`_walk`): its statistics' totals (`_program_statistics`) and the
+    largest |preactivation| it met."""
     x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, w_ptr, sw_d, sw_k, b_ptr, sb_d, out_ptr, so_b, so_l, so_d, mask_ptr, sm_b, sm_l, length, channels = memory  # fmt: skip
-    in_scale, weight_scale, bias_scale, acc_scale, out_scale, lo, hi, in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal = quantization  # fmt: skip
+    in_scale, weight_scale, bias_scale, acc_scale, out_scale, in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal, in_lo, in_hi, out_lo, out_hi = quantization  # fmt: skip
     batch = tl.program_id(2).to(tl.int64)
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < channels
@@ -617,14 +713,14 @@ def _program(
     bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE, OPERAND_ROUNDING)[None, :]
     real_bits = _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK, CHUNK)
 
-    sums = _walk(
+    sums, largest_v = _walk(
         (x_ptr, sx_b, sx_l, sx_d), (ctx_ptr, sc_b, sc_l, sc_d), (mask_ptr, sm_b, sm_l), (out_ptr, so_b, so_l, so_d),
         batch, starts, d, d_ok, length, real_bits,
-        (w0, w1, w2, w3, bias_term), (in_scale, in_reciprocal), (acc_scale, out_scale, out_reciprocal, lo, hi),
+        (w0, w1, w2, w3, bias_term), (in_scale, in_reciprocal, in_lo, in_hi), (acc_scale, out_scale, out_reciprocal, out_lo, out_hi),
         MODE, ROUNDING, CLAMP, HAS_CONTEXT, ZERO_PADDING, STORE, STATS, EXACT, BLOCK_D, GROUP, CHUNK, UNROLL,
     )  # fmt: skip
     n_real = tl.sum(libdevice.popc(real_bits).to(tl.float32)) * tl.sum(d_ok.to(tl.float32))
-    return _program_statistics(sums, n_real, EXACT, CHUNK)
+    return _program_statistics(sums, n_real, EXACT, CHUNK), tl.max(largest_v)
 
 
 @triton.jit
