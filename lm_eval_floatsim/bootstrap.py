@@ -32,11 +32,11 @@ import numpy as np
 
 # lm-eval's chunk of resamples drawn from one seed (`min(1000, iters)` in bootstrap_stderr).
 CHUNK = 1000
-# Resamples whose picks are summed at once: at most this many, and few enough that torch's cumsum
-# runs in the calling thread (it splits rows over its own threads once they hold more than its
-# parallel grain of values, and every worker of the pool would then start them at once).
-MAX_ROWS_PER_BLOCK = 64
-TORCH_PARALLEL_GRAIN = 32768  # at::internal::GRAIN_SIZE
+# Resamples whose picks are summed at once. Blocks this large keep the pool's threads in numpy's
+# and torch's loops, which release the GIL, rather than in the Python between them: blocks of 6
+# rows (5153 values each) made 16 threads pass the GIL 200,000 times per evaluation, and took
+# twice as long as 2 threads (docs/BENCHMARKS.md).
+ROWS_PER_BLOCK = 64
 # Python's sum() of floats compensates its rounding errors from 3.12 on (Neumaier summation).
 COMPENSATED_SUM = sys.version_info >= (3, 12)
 
@@ -60,12 +60,29 @@ def bootstrap_stderr(f: Callable, xs: Sequence, iters: int, original: Callable) 
 
     size = min(CHUNK, iters)
     values = np.asarray(xs, dtype=np.float64)
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:  # numpy and torch release the GIL in these loops
+    with ThreadPoolExecutor(max_workers=_workers(), initializer=_one_torch_thread) as pool:
         sums = pool.map(lambda seed: resampled_sums(values, seed, size), range(iters // size))
         totals = np.concatenate(list(sums)).tolist()
+    _restore_torch_threads()
     n = len(xs)
     # f of a resample is f(mean); f([m]) computes exactly that from m = sum / len, as `mean` does.
     return sample_stddev([f([total / n]) for total in totals])
+
+
+def _one_torch_thread() -> None:
+    """torch's cumsum splits a block's rows over torch's own threads; the pool's threads already
+    use every core, so each sums on its own. (torch.set_num_threads in a thread sets OpenMP's and
+    MKL's count for that thread alone, and the count of one pool shared by the process, which
+    `_restore_torch_threads` sets back.)"""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _restore_torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())  # this thread's count, to the shared pool too
 
 
 def _workers() -> int:
@@ -77,9 +94,8 @@ def resampled_sums(values: np.ndarray, seed: int, size: int) -> np.ndarray:
     n = len(values)
     stream = np.random.RandomState([seed])  # a list: init_by_array, as random.seed(int) seeds
     sums = np.empty(size)
-    rows_per_block = max(1, min(MAX_ROWS_PER_BLOCK, TORCH_PARALLEL_GRAIN // n))
-    for start in range(0, size, rows_per_block):
-        draws = stream.random_sample((min(rows_per_block, size - start), n))
+    for start in range(0, size, ROWS_PER_BLOCK):
+        draws = stream.random_sample((min(ROWS_PER_BLOCK, size - start), n))
         draws *= float(n)  # in place: each new array of a block costs as much as the arithmetic
         picks = np.take(values, draws.astype(np.intp))  # the cast floors: the products are >= 0
         sums[start:start + len(picks)] = python_sum(picks)

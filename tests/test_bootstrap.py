@@ -112,3 +112,15 @@ def test_what_it_cannot_reproduce_goes_to_lm_eval(f, xs):
 
     assert bootstrap.bootstrap_stderr(f, xs, 1000, original=original) == 0.125
     assert calls == [(f, xs, 1000)]
+
+
+def test_the_callers_torch_threads_are_left_as_they_were():
+    """The pool's threads sum with one torch thread each; the calling thread keeps its count."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bootstrap.bootstrap_stderr(metrics.perplexity, loglikelihoods(3000, seed=5), 2000, original=pytest.fail)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
