@@ -1,8 +1,9 @@
 #!/bin/bash
 # The GPU machine's side of the benchmarks (run from the repository root there, see docs/BENCHMARKS.md).
-#   bash benchmarks/gpu_run.sh bench     kernels' GPU tests, then gpu_bench.py    (carry .device/a)
+#   bash benchmarks/gpu_run.sh bench     every GPU test, then gpu_bench.py         (carry .device/a)
 #   bash benchmarks/gpu_run.sh lm_eval   lm_eval_runs.py: lm_eval --model mamba_ssm vs mamba_floatsim per mode (carry .device/b)
 #   bash benchmarks/gpu_run.sh sweep     lm_eval_runs.py: one lm_eval run vs sweep (6 runs) vs sensitivity (26) (carry .device/c)
+#                                        (sweep --resume --rounds 1: one more round, reported with the earlier ones)
 #   bash benchmarks/gpu_run.sh profile   lm_eval_runs.py profile: one lm_eval run and one sweep under cProfile (carry .device/c)
 #   bash benchmarks/gpu_run.sh all       both in one call, mamba-ssm without causal-conv1d (carry .device/b)
 # .device/a holds the kit's setup.sh and mamba-ssm + causal-conv1d; .device/b setup.sh, the
@@ -17,8 +18,10 @@ case $1 in
     source .device/a/setup.sh mamba_ssm causal_conv1d || exit 2
     export PYTHONPATH=$PWD:$PYTHONPATH
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
-    timeout 150 python3 -m pytest -q -rs -s -k "not interpreter" tests/test_kernels.py tests/test_fast_path.py 2>&1 | tee "$out/pytest_kernels.log"
-    timeout 400 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
+    tests="tests/test_kernels.py tests/test_fast_path.py tests/test_mamba.py tests/test_recorder.py"
+    python3 -c "import hypothesis" 2>/dev/null && tests="$tests tests/test_quant.py"  # test_quant's property tests need it
+    timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -k "not interpreter" $tests 2>&1 | tee "$out/pytest_gpu.log"
+    timeout 280 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
     ;;
   lm_eval)
     [ -d /tmp/site/mamba_ssm ] || source .device/b/setup.sh wheels mamba_ssm || exit 2
@@ -28,6 +31,7 @@ case $1 in
       --out "$out" "${@:2}" 2>&1 | tee "$out/lm_eval_runs.log"
     ;;
   sweep)
+    rm -rf /tmp/site/mamba_ssm /tmp/site/causal_conv1d  # a bench call's: the sweep's figures are without them
     [ -d /tmp/site/matplotlib ] || source .device/c/setup.sh wheels || exit 2
     export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH
     python3 -c "import lm_eval, matplotlib" || { echo "gpu_run.sh sweep: lm-eval or matplotlib missing: carry .device/c"; exit 2; }

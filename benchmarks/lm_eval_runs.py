@@ -28,6 +28,8 @@ Presets (--preset):
       one lm_eval run (what `bench` starts), with `mamba_floatsim` registered whether or not the
       package's .pth hook is installed
 Every finished run is appended to DIR/lm_eval_runs.jsonl at once: a run cut short keeps the rounds done.
+Rounds longer than one call of the GPU machine allows: `bench --resume` continues the rounds that
+the work folder (--work) records, without a warm-up, and reports them all.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def _add_bench_arguments(bench) -> None:
     bench.add_argument("--out", default=".")
     bench.add_argument("--work", default="/tmp/lm_eval_runs")
     bench.add_argument("--rounds", type=int, default=3)
+    bench.add_argument("--resume", action="store_true", help="continue the rounds recorded in --work (no warm-up)")
     bench.add_argument("--configs", default=None, help="comma-separated: lm_eval, sweep, sensitivity, modes "
                        "(default: lm_eval,sweep,sensitivity; modes needs the gpu preset)")
     bench.add_argument("--docs", type=int, default=5153, help="documents of the gpu preset's task")
@@ -187,12 +190,20 @@ def run_once(name: str, command: list[str], work: Path) -> dict:
 
 def rounds_of_runs(args, found: dict, work: Path, log: Path) -> list[dict]:
     start = time.perf_counter()
-    print(f"warm-up: {REFERENCE} (not counted)", flush=True)
-    warm = run_once(REFERENCE, found[REFERENCE][1], work)
-    if warm["returncode"] != 0:
-        raise SystemExit(f"the warm-up run failed:\n{warm['error_tail']}")
-    rows, names, last_wall = [], list(found), {REFERENCE: warm["wall_s"]}
-    for index in range(args.rounds):
+    record = work / "rounds.jsonl"  # every round of this work folder, for --resume
+    rows = [json.loads(line) for line in record.read_text().splitlines()] if args.resume and record.exists() else []
+    rows = [row for row in rows if row["name"] in found]
+    last_wall = {row["name"]: row["wall_s"] for row in rows}
+    if not rows:
+        record.unlink(missing_ok=True)
+        print(f"warm-up: {REFERENCE} (not counted)", flush=True)
+        warm = run_once(REFERENCE, found[REFERENCE][1], work)
+        if warm["returncode"] != 0:
+            raise SystemExit(f"the warm-up run failed:\n{warm['error_tail']}")
+        last_wall[REFERENCE] = warm["wall_s"]
+    names = list(found)
+    first = max((row["round"] for row in rows), default=-1) + 1
+    for index in range(first, first + args.rounds):
         order = names[index % len(names):] + names[: index % len(names)]  # rotated: no configuration always first
         for name in order:
             guess = time.perf_counter() - start + last_wall.get(name, 0.0)
@@ -202,8 +213,9 @@ def rounds_of_runs(args, found: dict, work: Path, log: Path) -> list[dict]:
             row = {"round": index, **run_once(name, found[name][1], work)}
             last_wall[name] = row["wall_s"]
             rows.append(row)
-            with log.open("a") as out:
-                out.write(json.dumps(row) + "\n")
+            for path in (log, record):
+                with path.open("a") as out:
+                    out.write(json.dumps(row) + "\n")
             print(json.dumps({k: v for k, v in row.items() if k != "error_tail"}), flush=True)
             if row["returncode"] != 0:
                 print(row["error_tail"], flush=True)
@@ -300,7 +312,8 @@ def main(argv=None) -> int:
         return profile_runs(found, work, out)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = rounds_of_runs(args, found, work, out / "lm_eval_runs.jsonl")
-    text = f"\n{args.preset} preset, task {task}, {args.rounds} rounds, started {started}, {os.cpu_count()} CPUs\n{table(found, rows)}\n"
+    rounds = len({row["round"] for row in rows})
+    text = f"\n{args.preset} preset, task {task}, {rounds} rounds, started {started}, {os.cpu_count()} CPUs\n{table(found, rows)}\n"
     if "sweep" in found:  # the work folder may hold an earlier bench's sweep
         text += f"\nsweep's int8 run vs the lm_eval run: {sweep_matches_reference(work)}\n"
     print(text)
