@@ -33,9 +33,8 @@ import numpy as np
 # lm-eval's chunk of resamples drawn from one seed (`min(1000, iters)` in bootstrap_stderr).
 CHUNK = 1000
 # Resamples whose picks are summed at once. Blocks this large keep the pool's threads in numpy's
-# and torch's loops, which release the GIL, rather than in the Python between them: blocks of 6
-# rows (5153 values each) made 16 threads pass the GIL 200,000 times per evaluation, and took
-# twice as long as 2 threads (docs/BENCHMARKS.md).
+# and torch's loops, which release the GIL, rather than in the Python between them, where they
+# take turns: with small blocks more threads took longer (docs/BENCHMARKS.md).
 ROWS_PER_BLOCK = 64
 # Python's sum() of floats compensates its rounding errors from 3.12 on (Neumaier summation).
 COMPENSATED_SUM = sys.version_info >= (3, 12)
