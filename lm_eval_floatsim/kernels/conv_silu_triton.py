@@ -296,16 +296,20 @@ def _silu(v, MODE: tl.constexpr, EXACT: tl.constexpr):
 
 @triton.jit
 def _silu_quotient(v, d):
-    """RN(v / d) for d = 1 + exp(-v) and |v| <= SILU_DOMAIN: div_rn's own fast path without its
-    range check (FCHK) and the branch around the slow path, 4 of its 10 instructions.
+    """RN(v / d) for d = 1 + exp(-v) and |v| <= SILU_DOMAIN: the instructions ptxas emits for
+    div_rn's fast path (read off its SASS), without the range check (FCHK) that sends operands
+    whose quotient or remainder could over- or underflow to the slow path, and without the branch
+    around it: 4 of div_rn's 10 instructions.
 
-    y0 = rcp.approx(d); y1 = y0 + y0 * (1 - d * y0) is within an ulp of 1 / d; q0 = RN(v * y1) is
-    within an ulp of v / d; the remainder d * q0 - v is then exact in an FMA, and
-    RN(q0 - (d * q0 - v) * y1) is RN(v / d) (Markstein's theorem), provided nothing over- or
-    underflows. Where |v| <= 80: 1 <= d <= 1 + e**80 < 2**116, so 1 / d is normal, and v / d is 0 or
-    at least 2**-109 in magnitude, unless |v| < 2**-25, where exp(-v) is 1, d is 2 and y1 is 1/2
-    exactly, and every step is exact to the last subnormal bit. (The remainders are taken as
-    d * q - v, as in `_divide`, so that a zero quotient keeps v's sign.)
+    y0 = rcp.approx(d); y1 = y0 + y0 * (1 - d * y0), 1 / d to about 2**-46; q0 = RN(v * y1) is
+    within an ulp of v / d; the remainder d * q0 - v is then exact in an FMA, and the correction
+    RN(q0 - (d * q0 - v) * y1) gives RN(v / d) (Markstein), provided nothing over- or underflows.
+    Where |v| <= 80: 1 <= d <= 1 + e**80 < 2**116, so 1 / d is normal, and v / d is 0 or at least
+    2**-109 in magnitude, unless |v| < 2**-25, where exp(-v) is 1, d is 2 and y1 is 1/2 exactly, and
+    every step is exact to the last subnormal bit. (The remainders are taken as d * q - v, as in
+    `_divide`, so that a zero quotient keeps v's sign.) tests/test_kernels.py checks the steps
+    against IEEE division from any estimate within an ulp (CPU) and the compiled function against
+    div_rn (GPU).
     """
     minus_d = d * -1.0
     y0 = _reciprocal_estimate(d)
