@@ -511,10 +511,10 @@ def _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK: tl.constex
 def _walk(
     source, context, padding, target, batch, starts, d, d_ok, length, real_bits, weights, input_scales, output_scales,
     MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    ZERO_PADDING: tl.constexpr, STORE: tl.constexpr, STATS: tl.constexpr, EXACT: tl.constexpr,
+    ZERO_PADDING: tl.constexpr, STATS: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
-    """The conv over a program's GROUP chunks, step by step: stores the output (STORE) and returns
+    """The conv over a program's GROUP chunks, step by step: stores the output and returns
     the statistics' five per-lane accumulators (sum |error|, sum before**2, sum error**2,
     max |error|, tallies) over real positions, and the largest |preactivation| per lane (where not
     EXACT). EXACT divides for SiLU with div_rn. The statistics are kept one of two ways (STATS):
@@ -588,13 +588,12 @@ def _walk(
                 else:
                     codes = _code(before, out_scale, out_reciprocal, ROUNDING)
                 after = libdevice.mul_rn(codes, out_scale)
-            if STORE:
-                targets = out_rows + (out_at + step * so_l)
-                in_sequence = (step < ahead)[:, None] & d_ok[None, :]
-                if ZERO_PADDING:
-                    tl.store(targets, tl.where(real, after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
-                else:
-                    tl.store(targets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
+            targets = out_rows + (out_at + step * so_l)
+            in_sequence = (step < ahead)[:, None] & d_ok[None, :]
+            if ZERO_PADDING:
+                tl.store(targets, tl.where(real, after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
+            else:
+                tl.store(targets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
 
             if STATS:
                 if EXACT:
@@ -656,7 +655,7 @@ def _conv_silu_kernel(
     )  # fmt: skip
     totals, largest_v = _program(
         memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
-        STORE=True, STATS=STATS, EXACT=False,
+        STATS=STATS, EXACT=False,
     )  # fmt: skip
     again = largest_v > SILU_DOMAIN  # see _silu_quotient
     if STATS:
@@ -689,7 +688,7 @@ def _program_exactly(
     slower."""
     totals, _ = _program(
         memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
-        STORE=True, STATS=STATS, EXACT=True,
+        STATS=STATS, EXACT=True,
     )  # fmt: skip
     return totals
 
@@ -699,7 +698,7 @@ def _program(
     memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
-    STORE: tl.constexpr, STATS: tl.constexpr, EXACT: tl.constexpr,
+    STATS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
     """One program's work (`_walk`): its statistics' totals (`_program_statistics`) and the
     largest |preactivation| it met."""
@@ -721,7 +720,7 @@ def _program(
         (x_ptr, sx_b, sx_l, sx_d), (ctx_ptr, sc_b, sc_l, sc_d), (mask_ptr, sm_b, sm_l), (out_ptr, so_b, so_l, so_d),
         batch, starts, d, d_ok, length, real_bits,
         (w0, w1, w2, w3, bias_term), (in_scale, in_reciprocal, in_lo, in_hi), (acc_scale, out_scale, out_reciprocal, out_lo, out_hi),
-        MODE, ROUNDING, CLAMP, HAS_CONTEXT, ZERO_PADDING, STORE, STATS, EXACT, BLOCK_D, GROUP, CHUNK, UNROLL,
+        MODE, ROUNDING, CLAMP, HAS_CONTEXT, ZERO_PADDING, STATS, EXACT, BLOCK_D, GROUP, CHUNK, UNROLL,
     )  # fmt: skip
     n_real = tl.sum(libdevice.popc(real_bits).to(tl.float32)) * tl.sum(d_ok.to(tl.float32))
     return _program_statistics(sums, n_real, EXACT, CHUNK), tl.max(largest_v)
