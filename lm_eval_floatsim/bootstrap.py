@@ -17,16 +17,23 @@ with numpy, vectorized:
 - the statistic itself and the standard error are lm-eval's own functions, applied to the same
   Python floats.
 Anything else (another statistic, values that are not exact Python floats) goes to lm-eval's own
-function. tests/test_bootstrap.py checks the result against lm-eval's, bit for bit, and the sums
-against both of CPython's summation loops (3.11's and 3.12's), whichever Python runs the tests.
+function.
+
+The picks of a resample depend on the number of values and the seed alone. Within
+`reusing_resamples` (sweep and sensitivity, whose evaluations bootstrap the same number of
+documents again and again) they are drawn once and kept. Where CUDA and Triton are there, the
+sums run on the GPU (`kernels.resample_sums_triton`), the same additions in the same order. tests/test_bootstrap.py checks the result against lm-eval's, bit for bit, the sums against both
+of CPython's summation loops (3.11's and 3.12's), whichever Python runs the tests, and the GPU's
+sums against `python_sum`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +45,13 @@ CHUNK = 1000
 ROWS_PER_BLOCK = 64
 # Python's sum() of floats compensates its rounding errors from 3.12 on (Neumaier summation).
 COMPENSATED_SUM = sys.version_info >= (3, 12)
+# Picks kept by `reusing_resamples`, at most: a 5153-document task's take 1 GiB (100,000
+# resamples of 16-bit picks); a larger task's are drawn again for every evaluation.
+KEPT_BYTES = 4 << 30
+
+# Picks by (n, seed, size) on the CPU and (n, seeds, size, device) on a GPU, while
+# `reusing_resamples` is active.
+_kept: Optional[dict] = None
 
 
 def statistics_of_the_mean() -> tuple:
@@ -51,6 +65,18 @@ def reproduces(f: Callable, xs: Sequence) -> bool:
     return f in statistics_of_the_mean() and len(xs) > 0 and all(type(x) is float for x in xs)
 
 
+@contextlib.contextmanager
+def reusing_resamples():
+    """Within: each seed's picks are drawn once per number of values and kept (up to KEPT_BYTES)."""
+    global _kept
+    outer = _kept
+    _kept = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _kept = outer
+
+
 def bootstrap_stderr(f: Callable, xs: Sequence, iters: int, original: Callable) -> float:
     """`original(f, xs, iters)` (lm-eval's bootstrap_stderr), computed faster where it can be reproduced."""
     if not reproduces(f, xs) or iters <= 0:
@@ -58,14 +84,81 @@ def bootstrap_stderr(f: Callable, xs: Sequence, iters: int, original: Callable) 
     from lm_eval.api.metrics import sample_stddev
 
     size = min(CHUNK, iters)
-    values = np.asarray(xs, dtype=np.float64)
-    with ThreadPoolExecutor(max_workers=_workers(), initializer=_one_torch_thread) as pool:
-        sums = pool.map(lambda seed: resampled_sums(values, seed, size), range(iters // size))
-        totals = np.concatenate(list(sums)).tolist()
-    _restore_torch_threads()
+    totals = resampled_sums(np.asarray(xs, dtype=np.float64), range(iters // size), size).tolist()
     n = len(xs)
     # f of a resample is f(mean); f([m]) computes exactly that from m = sum / len, as `mean` does.
     return sample_stddev([f([total / n]) for total in totals])
+
+
+def resampled_sums(values: np.ndarray, seeds: Sequence[int], size: int) -> np.ndarray:
+    """sum(random.Random(seed).choices(values, k=n)) for each of a seed's `size` resamples, seed after seed."""
+    from .kernels import resample_sums
+
+    n = len(values)
+    with ThreadPoolExecutor(max_workers=_workers(), initializer=_one_torch_thread) as pool:
+        gpu_values = _on_gpu(values)
+        if gpu_values is None:
+            def sums_of(seed):
+                return sums_on_cpu(values, _kept_or_drawn((n, seed, size), lambda: resample_picks(n, seed, size)))
+
+            sums = np.concatenate(list(pool.map(sums_of, seeds)))
+        else:
+            device = gpu_values.device
+            picks = _kept_or_drawn((n, tuple(seeds), size, device), lambda: _picks_on(device, n, seeds, size, pool))
+            sums = resample_sums(picks, gpu_values, COMPENSATED_SUM)
+    _restore_torch_threads()
+    return sums
+
+
+def _on_gpu(values: np.ndarray):
+    """The values on the current CUDA device where the summing kernel runs there, else None."""
+    from .kernels import resample_sums_available
+
+    if not resample_sums_available():
+        return None
+    import torch
+
+    return torch.from_numpy(values).to(torch.device("cuda", torch.cuda.current_device()))
+
+
+def resample_picks(n: int, seed: int, size: int) -> np.ndarray:
+    """The indices `random.Random(seed).choices(range(n), k=n)` picks, for `size` resamples:
+    floor(random() * n) each, 16-bit where n allows."""
+    stream = np.random.RandomState([seed])  # a list: init_by_array, as random.seed(int) seeds
+    picks = np.empty((size, n), dtype=np.int16 if n <= 1 << 15 else np.int32)
+    for start in range(0, size, ROWS_PER_BLOCK):
+        draws = stream.random_sample((min(ROWS_PER_BLOCK, size - start), n))
+        draws *= float(n)  # in place: each new array of a block costs as much as the arithmetic
+        picks[start:start + len(draws)] = draws  # the cast floors: the products are >= 0 and < n
+    return picks
+
+
+def _picks_on(device, n: int, seeds: Sequence[int], size: int, pool):
+    """Every seed's picks on `device`, one resample per column (as the summing kernel reads them),
+    seed after seed."""
+    import torch
+
+    columns = pool.map(lambda seed: torch.from_numpy(resample_picks(n, seed, size)).to(device).t(), seeds)
+    return torch.cat(list(columns), dim=1)
+
+
+def _kept_or_drawn(key: tuple, draw: Callable):
+    """Picks kept under `key` by `reusing_resamples`, or drawn (and kept while KEPT_BYTES allows)."""
+    kept = _kept
+    if kept is not None and key in kept:
+        return kept[key]
+    picks = draw()
+    if kept is not None and sum(p.nbytes for p in kept.values()) + picks.nbytes <= KEPT_BYTES:
+        kept[key] = picks
+    return picks
+
+
+def sums_on_cpu(values: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    sums = np.empty(len(picks))
+    for start in range(0, len(picks), ROWS_PER_BLOCK):
+        block = picks[start:start + ROWS_PER_BLOCK]
+        sums[start:start + len(block)] = python_sum(values[block])
+    return sums
 
 
 def _one_torch_thread() -> None:
@@ -86,19 +179,6 @@ def _restore_torch_threads() -> None:
 
 def _workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def resampled_sums(values: np.ndarray, seed: int, size: int) -> np.ndarray:
-    """sum(random.Random(seed).choices(values, k=n)) for each of the seed's `size` resamples, in order."""
-    n = len(values)
-    stream = np.random.RandomState([seed])  # a list: init_by_array, as random.seed(int) seeds
-    sums = np.empty(size)
-    for start in range(0, size, ROWS_PER_BLOCK):
-        draws = stream.random_sample((min(ROWS_PER_BLOCK, size - start), n))
-        draws *= float(n)  # in place: each new array of a block costs as much as the arithmetic
-        picks = np.take(values, draws.astype(np.intp))  # the cast floors: the products are >= 0
-        sums[start:start + len(picks)] = python_sum(picks)
-    return sums
 
 
 def python_sum(rows: np.ndarray) -> np.ndarray:

@@ -124,3 +124,62 @@ def test_the_callers_torch_threads_are_left_as_they_were():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_kept_picks_are_drawn_once_per_seed_and_give_the_same_result(monkeypatch):
+    """Within reusing_resamples a second evaluation of as many documents draws nothing and gives the
+    same number; beyond KEPT_BYTES picks are drawn again; after the block nothing is kept."""
+    drawn = []
+    draw = bootstrap.resample_picks
+    monkeypatch.setattr(bootstrap, "resample_picks", lambda n, seed, size: drawn.append((n, seed)) or draw(n, seed, size))
+    xs, others = loglikelihoods(300, seed=8), loglikelihoods(300, seed=9)
+    alone = lm_evals(metrics.perplexity, others, 3000)
+    with bootstrap.reusing_resamples():
+        bootstrap.bootstrap_stderr(metrics.perplexity, xs, 3000, original=pytest.fail)
+        assert len(drawn) == 3
+        assert bootstrap.bootstrap_stderr(metrics.perplexity, others, 3000, original=pytest.fail) == alone
+        assert len(drawn) == 3
+        monkeypatch.setattr(bootstrap, "KEPT_BYTES", 0)
+        bootstrap.bootstrap_stderr(metrics.perplexity, loglikelihoods(301, seed=1), 3000, original=pytest.fail)
+        bootstrap.bootstrap_stderr(metrics.perplexity, loglikelihoods(301, seed=2), 3000, original=pytest.fail)
+        assert len(drawn) == 9
+    bootstrap.bootstrap_stderr(metrics.perplexity, xs, 3000, original=pytest.fail)
+    assert len(drawn) == 12
+
+
+def test_picks_are_pythons_choices():
+    """random.Random(seed).choices(range(n), k=n) for each resample, in order; 16-bit up to 2**15 values."""
+    import random
+
+    for n in (1, 5153, 1 << 15, (1 << 15) + 1):
+        picks = bootstrap.resample_picks(n, seed=7, size=3)
+        stream = random.Random(7)
+        assert picks.tolist() == [stream.choices(range(n), k=n) for _ in range(3)]
+        assert picks.dtype == (np.int16 if n <= 1 << 15 else np.int32)
+
+
+def gpu_sums_available() -> bool:
+    from lm_eval_floatsim.kernels import resample_sums_available
+
+    return resample_sums_available()
+
+
+@pytest.mark.skipif(not gpu_sums_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("compensated", [False, True])
+@pytest.mark.parametrize("rows", [hard_rows(), long_rows()], ids=["hard", "long"])
+@pytest.mark.parametrize("index_dtype", ["int16", "int32"])
+def test_gpu_sums_are_python_sum_bit_for_bit(compensated, rows, index_dtype, monkeypatch):
+    """The GPU's sums of resamples, each given by its picks, against python_sum of the picked rows
+    (itself checked against CPython's sums above)."""
+    import torch
+
+    from lm_eval_floatsim.kernels import resample_sums
+
+    monkeypatch.setattr(bootstrap, "COMPENSATED_SUM", compensated)
+    order = np.random.default_rng(4).permutation(rows.size)
+    values = rows.ravel()[order]  # the rows' values shuffled, so that the picks jump about
+    picks = np.argsort(order).reshape(rows.shape)  # values[picks] == rows
+    got = resample_sums(torch.from_numpy(picks.astype(index_dtype).T.copy()).cuda(),
+                        torch.from_numpy(values).cuda(), compensated)
+    expected = bootstrap.python_sum(values[picks])
+    assert [repr(v) for v in got.tolist()] == [repr(v) for v in expected.tolist()]

@@ -34,6 +34,21 @@ def fused_rms_norm(x, weight, eps):
     return module.rms_norm_triton(x, weight, eps)
 
 
+def resample_sums(picks_t, values, compensated: bool):
+    """`bootstrap.python_sum` of the resamples `values[picks_t[:, j]]` on values' CUDA device, as a
+    numpy array; only where `resample_sums_available()`."""
+    return _kernel_module("resample_sums_triton").resample_sums(picks_t, values, compensated)
+
+
+def resample_sums_available() -> bool:
+    """Whether `resample_sums` can run here: Triton and a CUDA device."""
+    if _kernel_module("resample_sums_triton") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel_module(name: str):
     """The kernel module, or None where Triton (or a CUDA build of it) cannot be imported."""
