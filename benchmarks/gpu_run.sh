@@ -2,7 +2,8 @@
 # The GPU machine's side of the benchmarks (run from the repository root there, see docs/BENCHMARKS.md).
 #   bash benchmarks/gpu_run.sh bench     every GPU test, then gpu_bench.py         (carry .device/a)
 #   bash benchmarks/gpu_run.sh lm_eval   lm_eval_runs.py: lm_eval --model mamba_ssm vs mamba_floatsim per mode (carry .device/b)
-#   bash benchmarks/gpu_run.sh sweep     lm_eval_runs.py: one lm_eval run vs sweep (6 runs) vs sensitivity (26) (carry .device/c)
+#   bash benchmarks/gpu_run.sh sweep     the bootstrap's and scoring's GPU tests, then lm_eval_runs.py: one lm_eval
+#                                        run vs sweep (6 runs) vs sensitivity (26) (carry .device/c)
 #                                        (sweep --resume --rounds 1: one more round, reported with the earlier ones)
 #   bash benchmarks/gpu_run.sh profile   lm_eval_runs.py profile: one lm_eval run and one sweep under cProfile (carry .device/c)
 #   bash benchmarks/gpu_run.sh all       both in one call, mamba-ssm without causal-conv1d (carry .device/b)
@@ -18,7 +19,7 @@ case $1 in
     source .device/a/setup.sh mamba_ssm causal_conv1d || exit 2
     export PYTHONPATH=$PWD:$PYTHONPATH
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
-    tests="tests/test_kernels.py tests/test_fast_path.py tests/test_mamba.py tests/test_recorder.py"
+    tests="tests/test_kernels.py tests/test_fast_path.py tests/test_mamba.py tests/test_recorder.py tests/test_bootstrap.py tests/test_scoring.py"
     python3 -c "import hypothesis" 2>/dev/null && tests="$tests tests/test_quant.py"  # test_quant's property tests need it
     timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -k "not interpreter" $tests 2>&1 | tee "$out/pytest_gpu.log"
     timeout 280 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
@@ -36,6 +37,9 @@ case $1 in
     export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH
     python3 -c "import lm_eval, matplotlib" || { echo "gpu_run.sh sweep: lm-eval or matplotlib missing: carry .device/c"; exit 2; }
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$out/nvidia_smi.txt"
+    # the GPU paths of the per-evaluation work the sweep times: the bootstrap's sums and the scoring
+    [ "$2" = --resume ] || timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_bootstrap.py tests/test_scoring.py \
+      2>&1 | tee "$out/pytest_sweep.log"
     timeout 590 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs sweep,sensitivity --deadline-s 540 \
       --out "$out" "${@:2}" 2>&1 | tee "$out/lm_eval_runs.log"
     ;;

@@ -1,9 +1,7 @@
 """Every patch of lm-eval's internals that `mamba_floatsim` installs, and the logger it writes to.
 
 Each patch was checked against lm-eval 0.4.13; none is installed on import (FloatSimLM's
-constructor and `_loglikelihood_tokens` install them, `sweep` the last):
-- `capturing_padding`: wraps `pad_and_concat` in HFLM's module while `_loglikelihood_tokens` runs,
-  restoring what it found after;
+constructor installs them, `sweep` the last):
 - `install_results_hook`: wraps `EvaluationTracker.save_results_aggregated`, once per process;
 - `install_one_line_user_errors`: wraps `sys.excepthook`, once per process;
 - `install_fast_bootstrap`: replaces `lm_eval.api.metrics.bootstrap_stderr` (which lm-eval's
@@ -15,7 +13,7 @@ constructor and `_loglikelihood_tokens` install them, `sweep` the last):
   `lm_eval.evaluator.add_env_info` and `Task.build_all_requests` (reading `Task._instances`,
   `fewshot_rnd`, `dump_config()`), restoring them after; `task_manager_with_metadata` copies a
   TaskManager with another `_factory` (`lm_eval.tasks._factory.TaskFactory`).
-Where an lm-eval lacks what the first two patch, they warn once instead of failing; the bootstrap
+Where an lm-eval lacks what the results hook patches, it warns once instead of failing; the bootstrap
 is replaced only on the lm-eval releases whose algorithm `bootstrap` reproduces
 (`REPRODUCED_LM_EVAL`), and the templates only where lm-eval has the function and environment.
 
@@ -26,7 +24,10 @@ is replaced only on the lm-eval releases whose algorithm `bootstrap` reproduces
 - it overrides `_get_config`, `_create_tokenizer`, `_create_model`, `_detect_batch_size`,
   `_encode_pair` (TemplateLM's), `_loglikelihood_tokens`, `_model_call` and `_model_generate`
   (besides the public `loglikelihood`, `loglikelihood_rolling`, `generate_until`, `gather_object`,
-  `set_cache_hook`, `get_model_info`).
+  `set_cache_hook`, `get_model_info`);
+- `scoring` (its `_loglikelihood_tokens`) reads `logits_cache`, `softmax_dtype`, `batch_size`,
+  `max_length`, `cache_hook` and `rank`, calls `_batch_scheduler`, and resets `batch_sizes` as
+  HFLM does; it uses `lm_eval.models.utils.Collator` as HFLM does.
 `sweep` sets `EvaluationTracker.general_config_tracker.model_source` (what `lm_eval` records as the
 results' `model_source`) after simple_evaluate, which records a model object as "CUSTOM".
 """
@@ -56,38 +57,6 @@ logger = logging.getLogger("lm_eval.models.mamba_floatsim")
 @functools.lru_cache(maxsize=None)
 def warn_once(message: str) -> None:
     logger.warning(message)
-
-
-@contextlib.contextmanager
-def capturing_padding(note_lengths: Callable):
-    """Call `note_lengths(lengths, max_length, padding_side, device)` for each batch HFLM pads.
-
-    Patches `pad_and_concat` as HFLM's module (lm_eval.models.huggingface) imported it, for the
-    duration of the block, and restores what it found after. Why: HFLM's `_loglikelihood_tokens`
-    right-pads a loglikelihood batch with `pad_and_concat(length, rows, "right")` and calls
-    `_model_call` with the result and no mask; the padding is the token 0, which is also a real
-    token, so the rows' lengths are the only way to tell padding from text.
-    """
-    from lm_eval.models.huggingface import HFLM
-
-    module = sys.modules[HFLM.__module__]
-    original = getattr(module, "pad_and_concat", None)
-    if original is None:
-        warn_once("this lm-eval has no pad_and_concat in HFLM's module: loglikelihood statistics include padding")
-        yield
-        return
-
-    def pad_and_note_lengths(max_length, tensors, padding_side="right"):
-        lengths = [tensor.shape[-1] for tensor in tensors]  # before pad_and_concat pads them in place
-        batch = original(max_length, tensors, padding_side)
-        note_lengths(lengths, max_length, padding_side, batch.device)
-        return batch
-
-    module.pad_and_concat = pad_and_note_lengths
-    try:
-        yield
-    finally:
-        module.pad_and_concat = original
 
 
 def install_results_hook(after_results_saved: Callable) -> None:
@@ -224,14 +193,19 @@ def evaluating_repeatedly(run_arguments):
       environment, reported once and copied into every run's results;
     - `Task.build_all_requests` (every document's prompt rendered): see `_requests_built_once`;
       `run_arguments` are the model arguments the runs differ in, which a task's requests do
-      not depend on.
+      not depend on;
+    - the picks of a perplexity's bootstrap resamples, which depend on the number of documents
+      alone (`bootstrap.reusing_resamples`).
     Restores what it replaced when the block ends. The tokenized requests are kept by FloatSimLM
     (`_encode_pair`).
     """
     from lm_eval import evaluator
     from lm_eval.api.task import Task
 
+    from .bootstrap import reusing_resamples
+
     with contextlib.ExitStack() as stack:
+        stack.enter_context(reusing_resamples())
         stack.enter_context(_replaced(evaluator, "add_env_info", _reported_once(evaluator.add_env_info)))
         built_once = _requests_built_once(Task.build_all_requests, frozenset(run_arguments))
         stack.enter_context(_replaced(Task, "build_all_requests", built_once))

@@ -4,9 +4,11 @@ HFLM does the batching, tokenizing, scoring and generation bookkeeping; FloatSim
 what differs (like lm-eval's own `mamba_ssm` model):
 - model and tokenizer come from `api.load_model` (mamba_ssm or transformers checkpoints, scales
   from a file or calibration), after every model argument has been validated (`arguments`);
-- the forward gets a padding mask, so that the statistics cover real tokens only: lm-eval
-  right-pads loglikelihood batches (`pad_and_concat`, whose lengths are captured here) and
-  left-pads generation batches (their attention mask is passed on);
+- the forward gets a padding mask, so that the statistics cover real tokens only: loglikelihood
+  batches are right-padded (`scoring`, which notes the lengths) and lm-eval left-pads generation
+  batches (their attention mask is passed on);
+- loglikelihood requests are scored a batch at a time (`scoring`), with HFLM's answers bit for
+  bit, instead of a dozen small GPU operations per request;
 - generation is greedy, with the model's recurrent state (`MambaLM.generate`);
 - on CUDA, loglikelihood forwards replay CUDA graphs (`kernels.fast_path.GraphedForward`, lengths
   padded to four sizes per octave); on the CPU they run as they are;
@@ -36,7 +38,7 @@ from typing import Optional
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from . import data_parallel, lm_eval_patches, publishing, response_cache
+from . import data_parallel, lm_eval_patches, publishing, response_cache, scoring
 from .arguments import parse_model_args
 from .calibration import CalibrationSettings, Scales, cached_scales
 from .kernels.fast_path import GraphedForward
@@ -228,11 +230,11 @@ class FloatSimLM(HFLM):
             self._forward = forward
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        # HFLM pads these batches with the token 0, which is also a real token, and passes no mask:
-        # the rows' lengths, noted as it pads them, tell `_model_call` which positions are real.
+        """HFLM's answers, each batch scored at once (`scoring`). HFLM pads these batches with the
+        token 0, which is also a real token: the rows' lengths, noted as they are padded, tell
+        `_model_call` which positions are real."""
         try:
-            with lm_eval_patches.capturing_padding(self._note_padding):
-                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            return scoring.loglikelihood_tokens(self, requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
             self._padding_mask = None
 
