@@ -38,9 +38,9 @@ case $1 in
     python3 -c "import lm_eval, matplotlib" || { echo "gpu_run.sh sweep: lm-eval or matplotlib missing: carry .device/c"; exit 2; }
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$out/nvidia_smi.txt"
     # the GPU paths of the per-evaluation work the sweep times: the bootstrap's sums and the scoring
-    [ "$2" = --resume ] || timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_bootstrap.py tests/test_scoring.py \
+    [ "$2" = --resume ] || timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_bootstrap.py tests/test_scoring.py \
       2>&1 | tee "$out/pytest_sweep.log"
-    timeout 590 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs sweep,sensitivity --deadline-s 540 \
+    timeout 560 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs sweep,sensitivity --deadline-s 430 \
       --out "$out" "${@:2}" 2>&1 | tee "$out/lm_eval_runs.log"
     ;;
   profile)
