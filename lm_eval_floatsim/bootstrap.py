@@ -92,22 +92,40 @@ def bootstrap_stderr(f: Callable, xs: Sequence, iters: int, original: Callable) 
 
 def resampled_sums(values: np.ndarray, seeds: Sequence[int], size: int) -> np.ndarray:
     """sum(random.Random(seed).choices(values, k=n)) for each of a seed's `size` resamples, seed after seed."""
-    from .kernels import resample_sums
-
-    n = len(values)
     with ThreadPoolExecutor(max_workers=_workers(), initializer=_one_torch_thread) as pool:
-        gpu_values = _on_gpu(values)
-        if gpu_values is None:
-            def sums_of(seed):
-                return sums_on_cpu(values, _kept_or_drawn((n, seed, size), lambda: resample_picks(n, seed, size)))
-
-            sums = np.concatenate(list(pool.map(sums_of, seeds)))
-        else:
-            device = gpu_values.device
-            picks = _kept_or_drawn((n, tuple(seeds), size, device), lambda: _picks_on(device, n, seeds, size, pool))
-            sums = resample_sums(picks, gpu_values, COMPENSATED_SUM)
+        sums = _sums_on_gpu(values, seeds, size, pool)
+        if sums is None:
+            sums = np.concatenate(list(pool.map(lambda seed: _sums_on_cpu(values, seed, size), seeds)))
     _restore_torch_threads()
     return sums
+
+
+def _sums_on_cpu(values: np.ndarray, seed: int, size: int) -> np.ndarray:
+    n = len(values)
+    picks = _kept_or_drawn((n, seed, size), lambda: resample_picks(n, seed, size))
+    sums = np.empty(len(picks))
+    for start in range(0, len(picks), ROWS_PER_BLOCK):
+        block = picks[start:start + ROWS_PER_BLOCK]
+        sums[start:start + len(block)] = python_sum(values[block])
+    return sums
+
+
+def _sums_on_gpu(values: np.ndarray, seeds: Sequence[int], size: int, pool) -> Optional[np.ndarray]:
+    """The sums from the GPU's kernel; None where it cannot run or the GPU has no room for the picks
+    (about 1 GiB for 5153 documents), which the evaluation's model may have taken: the CPU sums."""
+    import torch
+
+    from .kernels import resample_sums
+
+    try:
+        gpu_values = _on_gpu(values)
+        if gpu_values is None:
+            return None
+        n, device = len(values), gpu_values.device
+        picks = _kept_or_drawn((n, tuple(seeds), size, device), lambda: _picks_on(device, n, seeds, size, pool))
+        return resample_sums(picks, gpu_values, COMPENSATED_SUM)
+    except torch.cuda.OutOfMemoryError:
+        return None
 
 
 def _on_gpu(values: np.ndarray):
@@ -151,14 +169,6 @@ def _kept_or_drawn(key: tuple, draw: Callable):
     if kept is not None and sum(p.nbytes for p in kept.values()) + picks.nbytes <= KEPT_BYTES:
         kept[key] = picks
     return picks
-
-
-def sums_on_cpu(values: np.ndarray, picks: np.ndarray) -> np.ndarray:
-    sums = np.empty(len(picks))
-    for start in range(0, len(picks), ROWS_PER_BLOCK):
-        block = picks[start:start + ROWS_PER_BLOCK]
-        sums[start:start + len(block)] = python_sum(values[block])
-    return sums
 
 
 def _one_torch_thread() -> None:

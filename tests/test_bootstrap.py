@@ -158,6 +158,23 @@ def test_picks_are_pythons_choices():
         assert picks.dtype == (np.int16 if n <= 1 << 15 else np.int32)
 
 
+def test_a_gpu_without_room_for_the_picks_leaves_the_sums_to_the_cpu(monkeypatch):
+    """The evaluated model may fill the GPU: running out of its memory at the end of a run must not
+    lose the run."""
+    import torch
+
+    from lm_eval_floatsim import kernels
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bootstrap, "_on_gpu", lambda values: torch.from_numpy(values))
+    monkeypatch.setattr(kernels, "resample_sums", out_of_memory)
+    xs = loglikelihoods(300, seed=6)
+    got = bootstrap.bootstrap_stderr(metrics.perplexity, xs, 3000, original=pytest.fail)
+    assert got == lm_evals(metrics.perplexity, xs, 3000)
+
+
 def gpu_sums_available() -> bool:
     from lm_eval_floatsim.kernels import resample_sums_available
 
