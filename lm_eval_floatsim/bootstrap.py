@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
@@ -52,6 +53,8 @@ KEPT_BYTES = 4 << 30
 # Picks by (n, seed, size) on the CPU and (n, seeds, size, device) on a GPU, while
 # `reusing_resamples` is active.
 _kept: Optional[dict] = None
+# The pool's threads keep picks side by side: one at a time adds to _kept and counts its bytes.
+_keeping = threading.Lock()
 
 
 def statistics_of_the_mean() -> tuple:
@@ -166,8 +169,10 @@ def _kept_or_drawn(key: tuple, draw: Callable):
     if kept is not None and key in kept:
         return kept[key]
     picks = draw()
-    if kept is not None and sum(p.nbytes for p in kept.values()) + picks.nbytes <= KEPT_BYTES:
-        kept[key] = picks
+    if kept is not None:
+        with _keeping:
+            if sum(p.nbytes for p in kept.values()) + picks.nbytes <= KEPT_BYTES:
+                kept[key] = picks
     return picks
 
 
