@@ -81,18 +81,32 @@ def score_batch(lm, chunk, ordered: Collator):
     batch = torch.tensor([row + [0] * (width - len(row)) for row in inputs], dtype=torch.long)  # HFLM pads with 0
     lm._note_padding([len(row) for row in inputs], width, "right", lm.device)
     logprobs = F.log_softmax(lm._model_call(batch.to(lm.device)), dim=-1, dtype=lm.softmax_dtype)
-    scored = []  # (request string, continuation, row, the scored window's first position)
+    windows = []  # (row, first position, length) of each request's scored window
+    scored = []  # (request string, continuation, its window): every request the batch answers
     placeholder = torch.empty(1, 0, 0)  # get_cache repeats it per request sharing the logits
     for row, ((request_str, context, continuation), tokens) in enumerate(zip(chunk, inputs)):
-        start = len(tokens) - len(continuation)
+        windows.append((row, len(tokens) - len(continuation), len(continuation)))
         for member_str, member_continuation, _ in ordered.get_cache(
                 req_str=request_str, cxt_toks=context, cont_toks=continuation, logits=placeholder):
-            scored.append((member_str, member_continuation, row, start, len(continuation)))
-    sums = continuation_sums(logprobs, [(row, start, cont) for _, cont, row, start, _ in scored])
-    greedy = logprobs.argmax(dim=-1).tolist()
-    for (request_str, continuation, row, start, window), total in zip(scored, sums):
-        predicted = greedy[row][start:start + window][-len(continuation):]
-        yield request_str, (total, predicted == list(continuation))
+            scored.append((member_str, member_continuation, windows[-1]))
+    greedy = greedy_tokens(logprobs, windows)
+    sums = continuation_sums(logprobs, [(row, start, cont) for _, cont, (row, start, _) in scored])
+    for (request_str, continuation, window), total in zip(scored, sums):
+        yield request_str, (total, greedy[window][-len(continuation):] == list(continuation))
+
+
+def greedy_tokens(logprobs: torch.Tensor, windows: list[tuple[int, int, int]]) -> dict:
+    """{(row, first position, length): the argmax token at each of the window's positions}; only
+    the windows' positions are read, not the whole batch's."""
+    rows = [row for row, start, length in windows for _ in range(length)]
+    positions = [position for _, start, length in windows for position in range(start, start + length)]
+    index = torch.tensor([rows, positions], dtype=torch.long).to(logprobs.device)
+    tokens = logprobs[index[0], index[1]].argmax(dim=-1).tolist()
+    found, first = {}, 0
+    for window in windows:
+        found[window] = tokens[first:first + window[2]]
+        first += window[2]
+    return found
 
 
 def continuation_sums(logprobs: torch.Tensor, picks: list[tuple[int, int, list[int]]]) -> list[float]:
