@@ -22,7 +22,9 @@ function.
 The picks of a resample depend on the number of values and the seed alone. Within
 `reusing_resamples` (sweep and sensitivity, whose evaluations bootstrap the same number of
 documents again and again) they are drawn once and kept. Where CUDA and Triton are there, the
-sums run on the GPU (`kernels.resample_sums_triton`), the same additions in the same order. tests/test_bootstrap.py checks the result against lm-eval's, bit for bit, the sums against both
+sums run on the GPU (`kernels.resample_sums_triton`), the same additions in the same order.
+
+tests/test_bootstrap.py checks the result against lm-eval's, bit for bit, the sums against both
 of CPython's summation loops (3.11's and 3.12's), whichever Python runs the tests, and the GPU's
 sums against `python_sum`.
 """
