@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -124,6 +125,59 @@ def value_bounds(scale: float, code_range: tuple[float, float], rounding: str) -
     return float(first[first_codes >= lo][0]), float(last[last_codes <= hi][-1])
 
 
+# Code ranges up to this many codes get `pair_codes_are_exact`'s check (better at divisor 2025 has
+# 518,401); wider ones keep the kernel's division.
+PAIR_CHECK_CODES = 2**20
+
+
+def reciprocal_pair(scale: float) -> tuple[float, float]:
+    """(r_hi, r_lo): fp32 values with r_hi the largest at most 1 / s and r_lo >= 0 the rest,
+    rounded (s = fp32(scale)): r_hi + r_lo is 1 / s to about 2**-47 of it."""
+    exact = 1 / Fraction(float(np.float32(scale)))
+    hi = np.float32(float(exact))
+    if Fraction(float(hi)) > exact:
+        hi = np.nextafter(hi, np.float32(0))
+    return float(hi), float(np.float32(float(exact - Fraction(float(hi)))))
+
+
+def pair_quotient(t: torch.Tensor, pair: tuple[float, float], positive_zero: bool) -> torch.Tensor:
+    """t / s as the fused kernel computes it from `reciprocal_pair` (fp32 t): RN(t * r_hi + RN(t * r_lo)),
+    two FMAs. With positive_zero the low product is fma(t, r_lo, +0.0), so that t = -0.0 gives +0.0,
+    as RN(t / s) + 0.0 does (round_half_away's zero of -0.0)."""
+    hi, lo = (torch.full_like(t, value) for value in pair)
+    low = fma_fp32(t, lo, torch.zeros_like(t)) if positive_zero else t * lo
+    return fma_fp32(t, hi, low)
+
+
+def pair_codes_are_exact(scale: float, code_range: tuple[float, float], rounding: str, device="cpu") -> bool:
+    """Whether round(pair_quotient(t)) is `quantize_codes`' round(t / scale), signed zeros
+    included, for every fp32 t in `value_bounds` (the fused kernel clamps t to them first).
+
+    Both are monotone in t (r_lo >= 0), so they agree everywhere if they agree on either side of
+    every t where the exact code changes, and there are few such t: the code of RN(t / s) changes
+    only where RN(t / s) passes from one fp32 value to the next across a rounding decision, at the
+    midpoint mu of two fp32 values around some k + 1/2, i.e. where t passes mu * s (exact in float64,
+    and never an fp32 value, as no quotient of two fp32 values is a midpoint). The check takes the
+    two fp32 neighbours of mu * s for both midpoints around k + 1/2 for every k from lo - 1 to hi,
+    and the signed zeros. (Quotients below 2**-149, which round to a zero of either sign, are
+    `_divide`'s exception too; no fp16 input or SiLU output of a scale in range makes one.) Done on
+    `device`, where torch divides as IEEE says on the GPU as on the CPU."""
+    lo, hi = code_range
+    if hi - lo > PAIR_CHECK_CODES or max(-lo, hi) >= 2**22:  # k + 1/2 must be an fp32 value
+        return False
+    s = float(np.float32(scale))
+    ties = torch.arange(lo - 1, hi + 1, dtype=torch.float64, device=device).add_(0.5).float()
+    sides = [torch.nextafter(ties, torch.full_like(ties, direction)) for direction in (-np.inf, np.inf)]
+    midpoints = torch.cat([(ties.double() + side.double()) / 2 for side in sides])
+    crossings = midpoints * s
+    nearest = crossings.float()
+    other = torch.nextafter(nearest, torch.where(crossings > nearest.double(), np.inf, -np.inf).float())
+    t = torch.cat([nearest, other, torch.tensor([0.0, -0.0], device=device)])
+    exact = round_codes(divide_by_scale(t, s), rounding)
+    cheap = round_codes(pair_quotient(t, reciprocal_pair(s), rounding == "half_away"), rounding)
+    return torch.equal(exact.view(torch.int32), cheap.view(torch.int32))
+
+
 def _fp32_neighbours(center: np.float32, count: int = 32) -> np.ndarray:
     """The 2 * count + 1 consecutive fp32 values around `center`, in increasing order."""
     below, above = [center], [center]
@@ -131,6 +185,13 @@ def _fp32_neighbours(center: np.float32, count: int = 32) -> np.ndarray:
         below.append(np.nextafter(below[-1], np.float32(-np.inf)))
         above.append(np.nextafter(above[-1], np.float32(np.inf)))
     return np.array(below[:0:-1] + above, dtype=np.float32)
+
+
+# A floor under SiLU's outputs: its minimum is -0.2784645427610738 (at v = -1.2784645427610738);
+# every fp32 v gives quant.silu(v) above it (tests/test_quant.py) and so does the fused kernel,
+# whose exp may differ in a last bit (the margin is some 500 ulps). A lower value bound at or
+# below it never clamps a SiLU output.
+SILU_FLOOR = -0.2785
 
 
 def silu(v: torch.Tensor) -> torch.Tensor:

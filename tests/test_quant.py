@@ -20,17 +20,22 @@ from hypothesis import strategies as st
 from lm_eval_floatsim.errors import ArgumentError
 from lm_eval_floatsim.mamba import MambaConfig, MambaLM
 from lm_eval_floatsim.modes import format_divisor
+from lm_eval_floatsim import quant
 from lm_eval_floatsim.quant import (
     LOG2E,
+    SILU_FLOOR,
     LayerScales,
     QuantSpec,
     SegmentedScales,
     conv_silu,
     fma_fp32,
+    pair_codes_are_exact,
     quantize_codes,
     quantize_operands,
     round_half_away,
+    reciprocal_pair,
     round_half_even,
+    silu,
     value_bounds,
 )
 
@@ -495,6 +500,103 @@ def test_value_bounds_are_the_last_values_inside_the_code_range(scale, code_rang
     with np.errstate(over="ignore"):
         assert np.array_equal(code(np.clip(values, A, B)), np.clip(code(values), lo, hi))
         assert np.array_equal((values < A) | (values > B), (code(values) < lo) | (code(values) > hi))
+
+
+# ---------------------------------------------------------------- the fused kernel's reciprocal pair
+
+
+def fraction_fp32(value: Fraction) -> np.float32:
+    """value rounded to the nearest fp32 value, ties to even (for values in fp32's normal range)."""
+    f = f32(float(value))
+    candidates = (np.nextafter(f, f32(-np.inf)), f, np.nextafter(f, f32(np.inf)))
+    return min(candidates, key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(np.uint32)) & 1))
+
+
+def pair_code(t: float, pair, rounding) -> float:
+    """The code of RN(t * r_hi + RN(t * r_lo)), the fused kernel's two FMAs, in exact arithmetic."""
+    t, hi, lo = (Fraction(float(v)) for v in (t, *pair))
+    low = Fraction(float(fraction_fp32(t * lo)))
+    q = fraction_fp32(t * hi + low)
+    return float((ref_half_away if rounding == "half_away" else ref_half_even)(q))
+
+
+def near_ties(scale, ks, ulps):
+    """fp32 values within `ulps` ulps of (k + 1/2) * scale for each k of ks."""
+    centres = ((np.asarray(ks, dtype=np.float64) + 0.5) * np.float64(f32(scale))).astype(f32)
+    return np.concatenate([centres + i * np.spacing(centres) for i in range(-ulps, ulps + 1)])
+
+
+def test_reciprocal_pair_is_the_reciprocal_to_47_bits():
+    """r_hi is the largest fp32 value at most 1/s, r_lo >= 0 the rest rounded: within 2**-47 of 1/s."""
+    for scale in (3.7 / 127, 0.0123, 1.0, 0.1, 2.0**-100, 2.0**100, float(np.nextafter(f32(2), f32(0))), 1 / 3):
+        s = Fraction(float(f32(scale)))
+        hi, lo = reciprocal_pair(scale)
+        assert f32(hi) == hi and f32(lo) == lo and lo >= 0
+        assert Fraction(hi) <= 1 / s < Fraction(float(np.nextafter(f32(hi), f32(np.inf))))
+        assert abs(Fraction(hi) + Fraction(lo) - 1 / s) <= Fraction(2) ** -47 / s
+
+
+PAIR_CASES = [
+    (3.7 / 127, (INT8_LO, INT8_HI), "half_away"),
+    (0.0123, (INT8_LO, INT8_HI), "half_even"),
+    (float(np.nextafter(f32(2), f32(0))) * 2.0**-9, (INT8_LO, INT8_HI), "half_away"),
+    (0.3 / 127, (-128 * 16, 127 * 16), "half_away"),
+    (0.021, (-128 * 2025, 127 * 2025), "half_away"),
+]
+
+
+@pytest.mark.parametrize("scale, code_range, rounding", PAIR_CASES)
+def test_pair_codes_match_division_where_the_check_allows_them(scale, code_range, rounding):
+    """Where pair_codes_are_exact says so, the codes of the two FMAs (computed here with Fractions)
+    are the codes of IEEE's t / s (numpy's fp32 division) around rounding ties, where they could
+    differ, and (int8's range) on every fp16 value inside the value bounds."""
+    assert pair_codes_are_exact(scale, code_range, rounding)
+    lo, hi = code_range
+    ks = np.arange(lo - 1, hi + 1)
+    if len(ks) > 600:
+        ks = np.random.default_rng(0).choice(ks, 600, replace=False)
+    values = near_ties(scale, ks, 6)
+    if code_range == (INT8_LO, INT8_HI):
+        fp16 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(f32)
+        bounds = value_bounds(scale, code_range, rounding)
+        values = np.concatenate([values, fp16[(fp16 >= bounds[0]) & (fp16 <= bounds[1]) & (fp16 != 0)]])
+    reference = ref_half_away if rounding == "half_away" else ref_half_even
+    want = reference(values / f32(scale))
+    pair = reciprocal_pair(scale)
+    got = np.array([pair_code(t, pair, rounding) for t in values])
+    assert np.array_equal(got, want)
+
+
+def test_pair_check_refuses_a_scale_with_a_value_the_pair_gets_wrong():
+    """1/s to 2**-47 is not always enough: for this scale (better at divisor 2025) the quotient of
+    13104.849609375 lies 2**-35 / s below a rounding decision, closer than the pair's error, and
+    the pair's code is one more than division's. The check says no."""
+    scale, code_range, t = 0.056500669568777084, (-128 * 2025, 127 * 2025), 13104.849609375
+    assert ref_half_away(f32(t) / f32(scale)) == 231941
+    assert pair_code(t, reciprocal_pair(scale), "half_away") == 231942
+    assert not pair_codes_are_exact(scale, code_range, "half_away")
+
+
+def test_pair_check_refuses_a_plain_reciprocal(monkeypatch):
+    """With RN(1/s) alone (r_lo = 0) codes differ at many ties: the check must see that, and the
+    values it would have let through do differ."""
+    scale, code_range = 3.7 / 127, (INT8_LO, INT8_HI)
+    plain = (float(f32(1) / f32(scale)), 0.0)
+    values = near_ties(scale, range(INT8_LO - 1, INT8_HI + 1), 2)
+    differing = [t for t in values if pair_code(t, plain, "half_away") != ref_half_away(t / f32(scale))]
+    assert differing
+    monkeypatch.setattr(quant, "reciprocal_pair", lambda s: plain)
+    assert not pair_codes_are_exact(scale, code_range, "half_away")
+
+
+def test_silu_stays_above_its_floor():
+    """SILU_FLOOR lies below every fp32 SiLU output: checked on every fp32 v in [-20, -1/2]; for
+    v in [-1/2, 0], silu(v) >= v / 2 >= -1/4, and below -20 |silu(v)| < 20 e**-20."""
+    assert SILU_FLOOR < -0.2784645427610738
+    start, stop = (np.array(v, dtype=f32).view(np.int32) for v in (-0.5, -20.0))
+    for first in range(int(start), int(stop) + 1, 2**23):
+        bits = torch.arange(first, min(first + 2**23, int(stop) + 1), dtype=torch.int32)
+        assert silu(bits.view(torch.float32)).min().item() > SILU_FLOOR
 
 
 # ---------------------------------------------------------------- rounding
