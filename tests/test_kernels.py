@@ -16,6 +16,7 @@ only whether the kernels compute the same function.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -30,7 +31,7 @@ import torch
 from helpers_models import statistics_recorder
 from lm_eval_floatsim import kernels
 from lm_eval_floatsim.modes import ROUNDINGS
-from lm_eval_floatsim.quant import LayerScales, QuantSpec, conv_silu, round_codes
+from lm_eval_floatsim.quant import LayerScales, QuantSpec, conv_silu, pair_codes_are_exact, round_codes
 from lm_eval_floatsim.recorder import CLAMPED, COUNT, NONFINITE, SUM_ABS_ERR, SUM_SQ_ERR, SUM_SQ_SIGNAL, Recorder
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -468,6 +469,19 @@ def _let_the_interpreter_reduce_tuples_over_all_axes():
     interpreter.ReduceOps.unravel = unravel
 
 
+@contextlib.contextmanager
+def refused_pairs(module):
+    """conv_silu_triton as for scales whose reciprocal pairs `quant.pair_codes_are_exact` refuses."""
+    checked = module.quant.pair_codes_are_exact
+    module.quant.pair_codes_are_exact = lambda *args: False
+    module.kernel_parameters.cache_clear()
+    try:
+        yield
+    finally:
+        module.quant.pair_codes_are_exact = checked
+        module.kernel_parameters.cache_clear()
+
+
 def _interpreted_checks():
     from lm_eval_floatsim.kernels import conv_silu_triton as module
     from lm_eval_floatsim.kernels import selective_scan_triton as scan_module
@@ -501,11 +515,18 @@ def _interpreted_checks():
         (SPECS[3], None, (16, 2, 32, 1)),  # 32-position chunks: the mask's bits fill an int32
     ]
     for spec, context, config in cases:
+        assert module.kernel_parameters(spec, scales, x.device)["input_by_pair"] == spec.quantized
         expected, seen = reference(x, w, b, spec, scales, context)
         recorder = observed_recorder("cpu")
         out = module.launch_conv_silu(x, w, b, spec, scales, recorder.layer(0, mask), context, config=config)
         assert_codes_match(out, expected, seen.before, spec, scales)
         assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+    # scales whose reciprocal pairs the check refuses: the kernel divides (`_divide`) instead
+    with refused_pairs(module):
+        for spec in (SPECS[1], SPECS[3], SPECS[4]):
+            expected, seen = reference(x, w, b, spec, scales)
+            out = module.launch_conv_silu(x, w, b, spec, scales, config=(16, 2, 8, 1))
+            assert_codes_match(out, expected, seen.before, spec, scales)
     # padding as the model passes it (the conv's own mask): zeros in, zeros out, NaN in padding inert
     x_padded = x.clone()
     x_padded[1, :5] = float("nan")
@@ -550,6 +571,33 @@ def test_gpu_conv_silu_matches_the_cpu_reference(spec, zero_padding):
     assert out is not None, "the kernel declined"
     assert_codes_match(out, expected, seen.before, spec, scales)
     assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+
+
+@cuda_only
+@pytest.mark.parametrize("spec", [SPECS[1], SPECS[3], SPECS[4]], ids=["int8", "same-half-even", "better"])
+def test_gpu_conv_silu_divides_where_reciprocal_pairs_are_refused(spec):
+    """The kernel's other way to codes (`_divide`, for scales `quant.pair_codes_are_exact` refuses)."""
+    from lm_eval_floatsim.kernels import conv_silu_triton as module
+
+    x, w, b, scales = random_case(5, 2, 300, 1000, device="cuda")
+    expected, seen = reference(x, w, b, spec, scales)
+    with refused_pairs(module):
+        assert not module.kernel_parameters(spec, scales, x.device)["input_by_pair"]
+        out = kernels.fused_conv_silu(x, w.cuda(), b.cuda(), spec, scales)
+    assert_codes_match(out, expected, seen.before, spec, scales)
+
+
+@cuda_only
+def test_gpu_pair_check_gives_the_cpus_verdict():
+    """pair_codes_are_exact runs on the kernel's device: the same verdict there as on the CPU,
+    the refusal of tests/test_quant.py's scale included."""
+    rng = np.random.default_rng(4)
+    cases = [(0.056500669568777084, (-128 * 2025, 127 * 2025), "half_away")] + [
+        (float(2.0 ** rng.uniform(-12, 4)), code_range, rounding)
+        for code_range in ((-128, 127), (-128 * 2025, 127 * 2025)) for rounding in ROUNDINGS for _ in range(5)
+    ]
+    verdicts = [(pair_codes_are_exact(*case, "cuda"), pair_codes_are_exact(*case, "cpu")) for case in cases]
+    assert all(gpu == cpu for gpu, cpu in verdicts) and not verdicts[0][0]
 
 
 @cuda_only

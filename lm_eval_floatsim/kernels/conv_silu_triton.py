@@ -12,12 +12,17 @@ reference's bit for bit:
   dozen instructions and a branch), the SiLU's through an estimated reciprocal and FMA corrections
   where the preactivation lies in the domain that makes them exact (`_silu_quotient`), with div_rn
   in a program that meets one outside it;
+- a code needs only the quotient's rounding, not the quotient: where the host has checked
+  (`quant.pair_codes_are_exact`) that t * r_hi + t * r_lo, with 1 / scale = r_hi + r_lo to 47 bits,
+  rounds to the code of t / scale for every t between the value bounds, the kernel takes the
+  codes from those two FMAs (`_code_by_pair`), and from the quotient itself elsewhere;
 - the int8 kernel's integer accumulation runs in fp32, where it is exact: |acc| <= 4 * 128 * 128
   < 2**24, and a NaN input poisons its windows as quant._int8_kernel_preactivation does;
 - rounding gives quant.round_half_away's and quant.round_half_even's results, signed zeros
   included; clamping keeps NaN, as torch.clamp does. Both are written once, below. Codes are
   clamped by clamping the values they come from (`quant.value_bounds`), which is the same and
-  spares the division its overflow guard.
+  spares the division its overflow guard; a SiLU output is not clamped from below where its
+  lower bound lies under `quant.SILU_FLOOR`.
 Only exp is not the CPU's: libdevice's expf and the CPU's may differ in the last bit, which can move
 a code only where y / scale sits within an ulp of a rounding tie.
 
@@ -72,7 +77,10 @@ HALF_BITS = tl.constexpr(0x3F000000)  # 0.5
 # Compile options of every launch: libdevice without flush-to-zero (Triton's default flushes
 # subnormals in mul_rn, add_rn, fma and div_rn, where the CPU keeps them).
 COMPILE_OPTIONS = {"enable_reflect_ftz": False}
-UNROLL = 2  # positions per turn of the kernel's loop, where CHUNK is a multiple of it (else 1)
+# Positions per turn of the kernel's loop (where CHUNK is a multiple of it, else 1), without and
+# with statistics: four turns fewer loop instructions per value into 4-8% more speed; with the
+# statistics' accumulators they leave too few registers (13-17% slower than two).
+UNROLLS = {False: 4, True: 2}
 # Registers a thread may use in launches with statistics: ptxas takes up to 110, which fits 18
 # warps per SM; 96 fit 20-21 and spill nothing.
 STATS_MAX_REGISTERS = 96
@@ -106,7 +114,8 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
         return out
     stats = observer is not None
     block_d, group, chunk, warps = config or launch_config(batch, length, channels, spec.quantized)
-    params = kernel_parameters(spec, scales)
+    unroll = UNROLLS[stats] if chunk % UNROLLS[stats] == 0 else 1
+    params = kernel_parameters(spec, scales, x.device)
     context = left_context if left_context is not None else x  # x: a placeholder never read
     zero_padding = mask is not None
     if mask is None and observer is not None:
@@ -123,8 +132,10 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
         length, channels,
         *params["scalars"],
         MODE=params["mode"], ROUNDING=params["rounding"], OPERAND_ROUNDING=params["operand_rounding"], CLAMP=params["clamp"],
+        INPUT_BY_PAIR=params["input_by_pair"], OUTPUT_BY_PAIR=params["output_by_pair"],
+        OUTPUT_FLOOR=params["output_floor"],
         HAS_CONTEXT=left_context is not None, HAS_MASK=mask is not None, ZERO_PADDING=zero_padding, STATS=stats,
-        BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=UNROLL if chunk % UNROLL == 0 else 1,
+        BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=unroll,
         num_warps=warps, **COMPILE_OPTIONS, **({"maxnreg": STATS_MAX_REGISTERS} if stats else {}),
     )  # fmt: skip
     return out
@@ -136,7 +147,7 @@ def _can_run(x, weight, spec, scales, observer, left_context, mask) -> bool:
     observed = getattr(observer, "mask", None)
     if mask is not None and observed is not None and observed is not mask:
         return False
-    if spec.quantized and (scales is None or not kernel_parameters(spec, scales)["scales_in_range"]):
+    if spec.quantized and (scales is None or not kernel_parameters(spec, scales, x.device)["scales_in_range"]):
         return False
     if left_context is not None and tuple(left_context.shape) != (x.shape[0], TAPS.value - 1, x.shape[2]):
         return False
@@ -152,22 +163,26 @@ def launch_config(batch: int, length: int, channels: int, quantized: bool) -> tu
     same with and without statistics, so that recording changes nothing but the statistics' own
     work. The configurations measured are in docs/BENCHMARKS.md.
     """
-    chunk = 1 if length <= UNROLL else 8 if length <= 64 else 16 if length <= 512 else 32
+    chunk = 1 if length <= 2 else 8 if length <= 64 else 16 if length <= 512 else 32
     group = min(4, triton.next_power_of_2(triton.cdiv(length, chunk)))
     return (32, group, chunk, 1) if quantized else (128, group, chunk, 4)
 
 
 @functools.lru_cache(maxsize=4096)
-def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]) -> dict:
+def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales], device: torch.device) -> dict:
     """The kernel's mode ids and fp32 scalars, all taken from quant.py's definitions:
     (in_scale, weight_scale, bias_scale, acc_scale, out_scale), the correctly rounded reciprocals
-    of the four quantization scales (in, weight, bias, out) and the value bounds (`quant.value_bounds`)
-    of the input's codes and of the output's code range; whether every scale is in SCALE_RANGE
-    (and the bounds were found)."""
+    of the four quantization scales (in, weight, bias, out), the value bounds (`quant.value_bounds`)
+    of the input's codes and of the output's code range, and the reciprocal pairs of the input and
+    output scales (`quant.reciprocal_pair`); whether every scale is in SCALE_RANGE (and the bounds
+    were found); whether the input's and the output's codes may come from their pair
+    (`quant.pair_codes_are_exact`, checked on `device`); whether the output's lower value bound can
+    clamp a SiLU output (above `quant.SILU_FLOOR`: almost never, as it lies near -max |y|)."""
     if not spec.quantized:
-        scalars = (1.0,) * 9 + (0.0,) * 4
+        scalars = (1.0,) * 9 + (0.0,) * 8
         return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "operand_rounding": HALF_AWAY.value, "clamp": False,
-                "scales_in_range": True, "scalars": scalars}
+                "scales_in_range": True, "input_by_pair": False, "output_by_pair": False, "output_floor": False,
+                "scalars": scalars}
     s_x, s_w, s_b = (_fp32(value) for value in (scales.input, scales.weight, scales.bias))
     acc_scale = _fp32(np.float32(s_w) * np.float32(s_x))  # quant: fp32(s_w) * fp32(s_x), in fp32
     s_y = _fp32(spec.effective_scale(scales.output))
@@ -181,14 +196,21 @@ def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]
         output_bounds = tuple(_fp32(bound) for bound in code_range)
     elif code_range is not None and in_range:
         output_bounds = quant.value_bounds(s_y, code_range, spec.output_rounding)
+    scales_in_range = in_range and input_bounds is not None and output_bounds is not None
+    output_by_pair = scales_in_range and code_range is not None and not fast
     return {
         "mode": MODE_INT8_FAST.value if fast else MODE_IDS[spec.kind.arithmetic],
         "rounding": ROUNDING_IDS[spec.output_rounding],
         "operand_rounding": ROUNDING_IDS[spec.operand_rounding],
         "clamp": code_range is not None,
-        "scales_in_range": in_range and input_bounds is not None and output_bounds is not None,
+        "scales_in_range": scales_in_range,
+        "input_by_pair": scales_in_range
+        and quant.pair_codes_are_exact(s_x, quant.INT8_RANGE, quant.KERNEL_ROUNDING, device),
+        "output_by_pair": output_by_pair and quant.pair_codes_are_exact(s_y, code_range, spec.output_rounding, device),
+        "output_floor": output_bounds is not None and output_bounds[0] > quant.SILU_FLOOR,
         "scalars": (s_x, s_w, s_b, acc_scale, s_y) + tuple(_reciprocal(scale) for scale in divisors)
-        + (input_bounds or (0.0, 0.0)) + (output_bounds or (0.0, 0.0)),
+        + (input_bounds or (0.0, 0.0)) + (output_bounds or (0.0, 0.0))
+        + quant.reciprocal_pair(s_x) + quant.reciprocal_pair(s_y),
     }
 
 
@@ -218,10 +240,27 @@ def _code(t, scale, reciprocal, ROUNDING: tl.constexpr, BOUNDED: tl.constexpr = 
     CPU's trunc formula gives -0.0 for q in (-1/2, 0) and +0.0 for q = -0.0, which a quotient
     plus +0.0 gives here too. Half to even is rint, which keeps the quotient's zero.
     """
+    return _rounded(_divide(t, scale, reciprocal, ROUNDING == HALF_AWAY, BOUNDED), ROUNDING)
+
+
+@triton.jit
+def _code_by_pair(t, pair_hi, pair_lo, ROUNDING: tl.constexpr):
+    """`_code` of a t clamped to `quant.value_bounds`, for a scale whose reciprocal pair
+    (`quant.reciprocal_pair`) passed `quant.pair_codes_are_exact`: the codes of
+    quant.pair_quotient's t * r_hi + t * r_lo, two FMAs where `_divide` takes five."""
     if ROUNDING == HALF_AWAY:
-        return _round_half_away(_divide(t, scale, reciprocal, True, BOUNDED))
+        low = libdevice.fma(t, pair_lo, 0.0)  # -0.0 * r_lo + 0.0 is +0.0: t = -0.0 gives +0.0
     else:
-        return libdevice.rint(_divide(t, scale, reciprocal, False, BOUNDED))
+        low = libdevice.mul_rn(t, pair_lo)
+    return _rounded(libdevice.fma(t, pair_hi, low), ROUNDING)
+
+
+@triton.jit
+def _rounded(q, ROUNDING: tl.constexpr):
+    if ROUNDING == HALF_AWAY:
+        return _round_half_away(q)
+    else:
+        return libdevice.rint(q)
 
 
 @triton.jit
@@ -373,12 +412,16 @@ def _conv_operand(raw, scale, reciprocal, MODE: tl.constexpr, ROUNDING: tl.const
 
 
 @triton.jit
-def _input_operand(raw, in_scale, in_reciprocal, in_lo, in_hi, MODE: tl.constexpr):
+def _input_operand(raw, input_scales, MODE: tl.constexpr, BY_PAIR: tl.constexpr):
     """A conv input as the mode sees it, `_conv_operand`'s, with its code range's clamp taken
     on the value (`quant.value_bounds`), where it spares the division's overflow guard."""
+    in_scale, in_reciprocal, in_lo, in_hi, in_pair_hi, in_pair_lo = input_scales
     value = raw.to(tl.float32)
     if MODE == MODE_FP:
         return value
+    elif BY_PAIR:
+        codes = _code_by_pair(_clamp(value, in_lo, in_hi), in_pair_hi, in_pair_lo, HALF_AWAY)
+        return _dequantized(codes, in_scale, MODE)
     else:
         return _dequantized(_code(_clamp(value, in_lo, in_hi), in_scale, in_reciprocal, HALF_AWAY, True), in_scale, MODE)
 
@@ -510,9 +553,10 @@ def _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK: tl.constex
 @triton.jit
 def _walk(
     source, context, padding, target, batch, starts, d, d_ok, length, real_bits, weights, input_scales, output_scales,
-    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    ZERO_PADDING: tl.constexpr, STATS: tl.constexpr, EXACT: tl.constexpr,
-    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr, INPUT_BY_PAIR: tl.constexpr,
+    OUTPUT_BY_PAIR: tl.constexpr, OUTPUT_FLOOR: tl.constexpr, HAS_CONTEXT: tl.constexpr, ZERO_PADDING: tl.constexpr,
+    STATS: tl.constexpr, EXACT: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):  # fmt: skip
     """The conv over a program's GROUP chunks, step by step: stores the output and returns
     the statistics' five per-lane accumulators (sum |error|, sum before**2, sum error**2,
@@ -531,20 +575,19 @@ def _walk(
     mask_ptr, sm_b, sm_l = padding
     out_ptr, so_b, so_l, so_d = target
     w0, w1, w2, w3, bias_term = weights
-    in_scale, in_reciprocal, in_lo, in_hi = input_scales
-    acc_scale, out_scale, out_reciprocal, out_lo, out_hi = output_scales
+    acc_scale, out_scale, out_reciprocal, out_lo, out_hi, out_pair_hi, out_pair_lo = output_scales
 
     x0 = _input_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 3, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, in_lo, in_hi, MODE,
+        input_scales, MODE, INPUT_BY_PAIR,
     )  # fmt: skip
     x1 = _input_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 2, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, in_lo, in_hi, MODE,
+        input_scales, MODE, INPUT_BY_PAIR,
     )  # fmt: skip
     x2 = _input_operand(
         _load_window_start(x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, mask_ptr, sm_b, sm_l, batch, starts - 1, d, d_ok, length, HAS_CONTEXT, ZERO_PADDING),
-        in_scale, in_reciprocal, in_lo, in_hi, MODE,
+        input_scales, MODE, INPUT_BY_PAIR,
     )  # fmt: skip
 
     zeros = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
@@ -567,9 +610,9 @@ def _walk(
             real = bit != 0
             raw = rows[step]
             if ZERO_PADDING:
-                x3 = _input_operand(tl.where(real, raw, 0.0), in_scale, in_reciprocal, in_lo, in_hi, MODE)
+                x3 = _input_operand(tl.where(real, raw, 0.0), input_scales, MODE, INPUT_BY_PAIR)
             else:
-                x3 = _input_operand(raw, in_scale, in_reciprocal, in_lo, in_hi, MODE)
+                x3 = _input_operand(raw, input_scales, MODE, INPUT_BY_PAIR)
             v = _preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE)
             before = _silu(v, MODE, EXACT)
             if not EXACT and MODE != MODE_INT8_FAST:
@@ -582,8 +625,14 @@ def _walk(
                     codes = _clamp(rounded, out_lo, out_hi)
                     clamped = codes != rounded
                 elif CLAMP:  # clamped on the value (`quant.value_bounds`)
-                    kept = _clamp(before, out_lo, out_hi)
-                    codes = _code(kept, out_scale, out_reciprocal, ROUNDING, True)
+                    if OUTPUT_FLOOR:
+                        kept = _clamp(before, out_lo, out_hi)
+                    else:
+                        kept = tl.minimum(before, out_hi, propagate_nan=tl.PropagateNan.ALL)
+                    if OUTPUT_BY_PAIR:
+                        codes = _code_by_pair(kept, out_pair_hi, out_pair_lo, ROUNDING)
+                    else:
+                        codes = _code(kept, out_scale, out_reciprocal, ROUNDING, True)
                     clamped = kept != before
                 else:
                     codes = _code(before, out_scale, out_reciprocal, ROUNDING)
@@ -611,7 +660,7 @@ def _walk(
                     signal = before * (0.0 - realness)
                     error = libdevice.fma(after, realness, signal)
                     if CLAMP:
-                        tallies += tl.where(clamped, realness, 0.0)
+                        tallies = libdevice.fma(clamped.to(tl.float32), realness, tallies)
                 sum_signal += signal * signal
                 if MODE != MODE_FP:  # fp: after is before, and every counted error 0
                     sum_abs += tl.abs(error)
@@ -639,9 +688,10 @@ def _conv_silu_kernel(
     length, channels,
     in_scale, weight_scale, bias_scale, acc_scale, out_scale,
     in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
-    in_lo, in_hi, out_lo, out_hi,
+    in_lo, in_hi, out_lo, out_hi, in_pair_hi, in_pair_lo, out_pair_hi, out_pair_lo,
     MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
+    INPUT_BY_PAIR: tl.constexpr, OUTPUT_BY_PAIR: tl.constexpr, OUTPUT_FLOOR: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
     memory = (
@@ -651,18 +701,19 @@ def _conv_silu_kernel(
     quantization = (
         in_scale, weight_scale, bias_scale, acc_scale, out_scale,
         in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
-        in_lo, in_hi, out_lo, out_hi,
+        in_lo, in_hi, out_lo, out_hi, in_pair_hi, in_pair_lo, out_pair_hi, out_pair_lo,
     )  # fmt: skip
     totals, largest_v = _program(
-        memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
-        STATS=STATS, EXACT=False,
+        memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR,
+        HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL, STATS=STATS, EXACT=False,
     )  # fmt: skip
     again = largest_v > SILU_DOMAIN  # see _silu_quotient
     if STATS:
         again = again | ~((totals[SUM_ABS_ERR] <= FLT_MAX) & (totals[SUM_SQ_SIGNAL] <= FLT_MAX))  # see _walk
     if again:
         totals = _program_exactly(
-            memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, STATS, BLOCK_D, GROUP, CHUNK, UNROLL
+            memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR,
+            HAS_CONTEXT, HAS_MASK, ZERO_PADDING, STATS, BLOCK_D, GROUP, CHUNK, UNROLL
         )  # fmt: skip
     if STATS:
         slot = (tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))) % SLOTS
@@ -677,7 +728,8 @@ def _conv_silu_kernel(
 @triton.jit(noinline=True)
 def _program_exactly(
     memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
+    INPUT_BY_PAIR: tl.constexpr, OUTPUT_BY_PAIR: tl.constexpr, OUTPUT_FLOOR: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
     """The program again, the exact way (div_rn for SiLU, the statistics' exact bookkeeping),
@@ -687,8 +739,8 @@ def _program_exactly(
     two walks shared values, which took the kernel from 104 to 123 registers and made it 4-9%
     slower."""
     totals, _ = _program(
-        memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL,
-        STATS=STATS, EXACT=True,
+        memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR,
+        HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL, STATS=STATS, EXACT=True,
     )  # fmt: skip
     return totals
 
@@ -696,14 +748,15 @@ def _program_exactly(
 @triton.jit
 def _program(
     memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr, HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr,
+    INPUT_BY_PAIR: tl.constexpr, OUTPUT_BY_PAIR: tl.constexpr, OUTPUT_FLOOR: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
     STATS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
     """One program's work (`_walk`): its statistics' totals (`_program_statistics`) and the
     largest |preactivation| it met."""
     x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, w_ptr, sw_d, sw_k, b_ptr, sb_d, out_ptr, so_b, so_l, so_d, mask_ptr, sm_b, sm_l, length, channels = memory  # fmt: skip
-    in_scale, weight_scale, bias_scale, acc_scale, out_scale, in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal, in_lo, in_hi, out_lo, out_hi = quantization  # fmt: skip
+    in_scale, weight_scale, bias_scale, acc_scale, out_scale, in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal, in_lo, in_hi, out_lo, out_hi, in_pair_hi, in_pair_lo, out_pair_hi, out_pair_lo = quantization  # fmt: skip
     batch = tl.program_id(2).to(tl.int64)
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < channels
@@ -719,8 +772,10 @@ def _program(
     sums, largest_v = _walk(
         (x_ptr, sx_b, sx_l, sx_d), (ctx_ptr, sc_b, sc_l, sc_d), (mask_ptr, sm_b, sm_l), (out_ptr, so_b, so_l, so_d),
         batch, starts, d, d_ok, length, real_bits,
-        (w0, w1, w2, w3, bias_term), (in_scale, in_reciprocal, in_lo, in_hi), (acc_scale, out_scale, out_reciprocal, out_lo, out_hi),
-        MODE, ROUNDING, CLAMP, HAS_CONTEXT, ZERO_PADDING, STATS, EXACT, BLOCK_D, GROUP, CHUNK, UNROLL,
+        (w0, w1, w2, w3, bias_term), (in_scale, in_reciprocal, in_lo, in_hi, in_pair_hi, in_pair_lo),
+        (acc_scale, out_scale, out_reciprocal, out_lo, out_hi, out_pair_hi, out_pair_lo),
+        MODE, ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR, HAS_CONTEXT, ZERO_PADDING, STATS, EXACT,
+        BLOCK_D, GROUP, CHUNK, UNROLL,
     )  # fmt: skip
     n_real = tl.sum(libdevice.popc(real_bits).to(tl.float32)) * tl.sum(d_ok.to(tl.float32))
     return _program_statistics(sums, n_real, EXACT, CHUNK), tl.max(largest_v)
