@@ -45,6 +45,8 @@ SPECS = {mode: QuantSpec(mode) for mode in MODES}
 SECTIONS = ("env", "model", "conv", "scan", "codes")
 # (BLOCK_D, GROUP, CHUNK, num_warps) of the conv section's configuration sweep
 CONV_CONFIGS = [(128, 4, 32, 4), (32, 4, 32, 1), (128, 8, 32, 4), (64, 4, 32, 2), (32, 8, 32, 2), (256, 2, 32, 4), (128, 2, 32, 4)]
+UNROLLS = (2, 4)  # the conv loop's positions per turn, measured against each other in these configurations
+UNROLL_CONFIGS = [(32, 4, 32, 1), (128, 4, 32, 4)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -242,13 +244,28 @@ def section_conv(args, device, results):
             observer = statistics_only(1, device).layer(0, None) if stats else None
             run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
             add(f"{mode} kernel{' + statistics' if stats else ''}", graph_timed_ms(run, device, args.iters, 4), list(config))
+    from lm_eval_floatsim.kernels import conv_silu_triton as module
+
+    unrolls = module.UNROLLS
+    small = conv_case(args.batch, args.length, channels, device)
+    for unroll in UNROLLS:  # positions per turn of the kernel's loop, against the launch configuration
+        module.UNROLLS = {False: unroll, True: unroll}
+        for mode, stats in (("int8", False), ("int8", True), ("same", False), ("better", False), ("better", True)):
+            for config in UNROLL_CONFIGS:
+                observer = statistics_only(1, device).layer(0, None) if stats else None
+                run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
+                add(f"{mode} kernel{' + statistics' if stats else ''}, UNROLL={unroll}", graph_timed_ms(run, device, args.iters, 4), list(config))
+                short = (config[0], config[1], 16, config[3])
+                run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer, config=short)
+                add(f"{mode} kernel{' + statistics' if stats else ''}, UNROLL={unroll}, B={args.batch} L={args.length}",
+                    graph_timed_ms(run, device, args.iters), list(short), 2 * small[0].numel() * small[0].element_size())
+    module.UNROLLS = unrolls
     for mode in MODES:
         for stats in (False, True):
             observer = statistics_only(1, device).layer(0, None) if stats else None
             config = launch_config(batch, length, channels, SPECS[mode].quantized)  # what the model runs
             run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer)
             add(f"{mode} kernel{' + statistics' if stats else ''}", graph_timed_ms(run, device, args.iters, 4), list(config))
-    small = conv_case(args.batch, args.length, channels, device)
     mask = padding_mask_like(small[0])
     for mode in MODES:
         for stats in (False, True):
@@ -265,7 +282,6 @@ def section_conv(args, device, results):
         xt, wh, bh = x.transpose(1, 2), w.half(), b.half()  # channels-last as (batch, channels, length)
         run = lambda: causal_conv1d_fn(xt, wh, bh, activation="silu")
         add("causal-conv1d fp16 conv+SiLU (unquantized)", graph_timed_ms(run, device, args.iters, 4))
-    from lm_eval_floatsim.kernels import conv_silu_triton as module
 
     results["conv"] = {"shape": [batch, length, channels], "bytes": moved, "floor_ms": floor_ms, "rows": rows,
                        "compiled": compiled_report(module._conv_silu_kernel)}  # fmt: skip

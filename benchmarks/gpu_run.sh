@@ -19,7 +19,7 @@ case $1 in
     source .device/a/setup.sh mamba_ssm causal_conv1d || exit 2
     export PYTHONPATH=$PWD:$PYTHONPATH
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
-    tests="tests/test_kernels.py tests/test_fast_path.py tests/test_mamba.py tests/test_recorder.py tests/test_bootstrap.py tests/test_scoring.py"
+    tests="tests/test_kernels.py tests/test_fast_path.py tests/test_mamba.py tests/test_recorder.py"  # test_bootstrap and test_scoring need lm-eval: the sweep case runs them
     python3 -c "import hypothesis" 2>/dev/null && tests="$tests tests/test_quant.py"  # test_quant's property tests need it
     timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -k "not interpreter" $tests 2>&1 | tee "$out/pytest_gpu.log"
     timeout 280 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
