@@ -78,8 +78,9 @@ HALF_BITS = tl.constexpr(0x3F000000)  # 0.5
 # subnormals in mul_rn, add_rn, fma and div_rn, where the CPU keeps them).
 COMPILE_OPTIONS = {"enable_reflect_ftz": False}
 # Positions per turn of the kernel's loop (where CHUNK is a multiple of it, else 1), without and
-# with statistics: four turns fewer loop instructions per value into 4-8% more speed; with the
-# statistics' accumulators they leave too few registers (13-17% slower than two).
+# with statistics: four spread the loop's own instructions over more values (4-7% faster than two
+# in `launch_config`'s configurations); beside the statistics' accumulators they leave too few
+# registers (16-22% slower).
 UNROLLS = {False: 4, True: 2}
 # Registers a thread may use in launches with statistics: ptxas takes up to 110, which fits 18
 # warps per SM; 96 fit 20-21 and spill nothing.
