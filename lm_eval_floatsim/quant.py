@@ -125,6 +125,27 @@ def value_bounds(scale: float, code_range: tuple[float, float], rounding: str) -
     return float(first[first_codes >= lo][0]), float(last[last_codes <= hi][-1])
 
 
+def value_bounds_in(
+    bounds: tuple[float, float], dtype: torch.dtype, scale: float, code_range: tuple[float, float], rounding: str
+) -> Optional[tuple[float, float]]:
+    """`value_bounds` (A, B) for values of `dtype` (fp16, bf16; fp32 keeps them): the smallest
+    dtype value at least A and the largest at most B, so that a kernel may clamp its inputs before
+    widening them. A dtype value above the upper one is above B, so clamping it to either gives hi
+    if the upper one's own code is hi (and alike below); None where an end's code is not the
+    range's (a scale whose range edge lies among dtype values closer than the scale)."""
+    if dtype == torch.float32:
+        return bounds
+    exact = torch.tensor(bounds, dtype=torch.float32)
+    nearest = exact.to(dtype)
+    outside = torch.tensor([nearest[0] < exact[0], nearest[1] > exact[1]])
+    inward = torch.tensor([np.inf, -np.inf], dtype=dtype)
+    ends = torch.where(outside, torch.nextafter(nearest, inward), nearest).float()
+    codes = round_codes(divide_by_scale(ends, scale), rounding)
+    if codes.tolist() != [float(code_range[0]), float(code_range[1])]:
+        return None
+    return float(ends[0]), float(ends[1])
+
+
 # Code ranges up to this many codes get `pair_codes_are_exact`'s check (better at divisor 2025 has
 # 518,401); wider ones keep the kernel's division.
 PAIR_CHECK_CODES = 2**20

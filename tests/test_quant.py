@@ -37,6 +37,7 @@ from lm_eval_floatsim.quant import (
     round_half_even,
     silu,
     value_bounds,
+    value_bounds_in,
 )
 
 K = 4
@@ -500,6 +501,31 @@ def test_value_bounds_are_the_last_values_inside_the_code_range(scale, code_rang
     with np.errstate(over="ignore"):
         assert np.array_equal(code(np.clip(values, A, B)), np.clip(code(values), lo, hi))
         assert np.array_equal((values < A) | (values > B), (code(values) < lo) | (code(values) > hi))
+
+
+def every_value_of(dtype: torch.dtype) -> np.ndarray:
+    """All 2**16 values of fp16 or bf16 (infinities and NaNs included), as fp32."""
+    return torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(dtype).float().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("scale", [3.7 / 127, 0.0123, 1.0, 2.0**-20, 2.0**-27, 2.0**-100, 300.0, 600.0, 2.0**100])
+def test_value_bounds_in_a_narrow_format_clamp_its_every_value_as_the_codes_clamp(dtype, scale):
+    """Clamping an fp16 or bf16 input to value_bounds_in's ends gives the clamped code for every
+    value of the format (the fused kernel clamps inputs as loaded); None exactly where no value
+    of the format has the range's low or high code, so that no pair of ends could."""
+    lo, hi = INT8_LO, INT8_HI
+    values = every_value_of(dtype)
+    code = lambda t: ref_half_away(t / f32(scale))
+    ends = value_bounds_in(value_bounds(scale, (lo, hi), "half_away"), dtype, scale, (lo, hi), "half_away")
+    with np.errstate(over="ignore", invalid="ignore"):
+        codes = code(values)
+        if ends is None:
+            assert not ((codes == lo).any() and (codes == hi).any())
+            return
+        A, B = f32(ends[0]), f32(ends[1])
+        assert {A, B} <= set(values.tolist())
+        assert np.array_equal(code(np.clip(values, A, B)), np.clip(codes, lo, hi), equal_nan=True)
 
 
 # ---------------------------------------------------------------- the fused kernel's reciprocal pair
