@@ -17,6 +17,7 @@ only whether the kernels compute the same function.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -77,6 +78,25 @@ def random_case(seed, batch, length, channels, dtype=torch.float32, device="cpu"
     return xz[..., :channels], w.to(device), b.to(device), scales
 
 
+def narrowed_inputs(x, scales, dtype):
+    """x in fp16 or bf16 with an input scale a third of the calibrated one, so that the largest
+    values of either sign clamp: the kernel clamps them as loaded (`quant.value_bounds_in`)."""
+    return x.to(dtype), dataclasses.replace(scales, input=scales.input / 3)
+
+
+def heavy_weights(w, scales, factor=60.0):
+    """Weights that carry preactivations far past `_silu_quotient`'s domain (|v| <= 80) in both
+    directions: full programs must not skip tracking |v| there, and the programs that meet such a
+    v divide with div_rn."""
+    return w * factor, dataclasses.replace(scales, weight=scales.weight * factor)
+
+
+def preactivation_extremes(x, w, b):
+    """The smallest and largest conv output (fp32, before SiLU) of x, for asserting a case reaches them."""
+    v = torch.nn.functional.conv1d(x.float().cpu().transpose(1, 2), w.cpu()[:, None, :], b.cpu(), padding=K - 1, groups=w.shape[0])
+    return v.min().item(), v.max().item()
+
+
 def observed_recorder(device):
     """A one-layer Recorder past its snapshot batch: observers only accumulate statistics."""
     recorder = Recorder(1, dump_n=4, device=device)
@@ -98,11 +118,15 @@ def reference(x, w, b, spec, scales, left_context=None, mask=None):
     return out, SimpleNamespace(**dict(zip(("before", "after", "codes", "clamped"), seen)))
 
 
-def expected_statistics(seen, out, mask):
+def expected_statistics(seen, out, mask, spec, scales):
     """The recorder's statistics of the reference's `before` against the kernel's output: where a
-    code differs at a near-tie, so does the error, and the comparison should not count that."""
+    code differs at a near-tie, so does the error, and the comparison should not count that. The
+    kernel's `after` is its code times s_eff in fp32, before the output's dtype rounds it."""
     recorder = observed_recorder("cpu")
-    after = seen.before if seen.codes is None else out.cpu().float()  # fp: after is before
+    if seen.codes is None:  # fp: after is before
+        after = seen.before
+    else:
+        after = codes_of(out.cpu(), spec, scales).float() * np.float32(spec.effective_scale(scales.output))
     recorder.layer(0, None if mask is None else mask.cpu())(seen.before, after, seen.codes, seen.clamped)
     return recorder
 
@@ -343,6 +367,19 @@ def test_division_through_the_reciprocal_is_correctly_rounded():
         assert (np.abs(got[tiny]) < 2.0**-59).all() and (np.signbit(got) == np.signbit(want))[tiny].all()
 
 
+def assert_dequantized_codes(dequantize, q, device="cpu"):
+    """`_dequantized_code` against quant.py's round_codes(q) * s in fp32, bit for bit, for the
+    quotients it takes (|q| < 2**22; half away from zero: RN(t / s) + 0.0, never -0.0) and
+    scales across the kernel's range."""
+    q = q[q.abs() < 2**22]
+    for rounding in ROUNDINGS:
+        quotients = q + 0.0 if rounding == "half_away" else q
+        for scale in (1.0, 3.7 / 127, 0.0123, 2.0**-100, 2.0**100):
+            s = torch.tensor(scale, dtype=torch.float32)
+            want = round_codes(quotients, rounding) * s
+            assert_same_bits(dequantize(quotients.to(device), s.item(), rounding), want)
+
+
 def rounding_cases(rng):
     """fp32 values whose rounding is delicate: within ulps of every integer and half-integer up to
     300 and around 2**22..2**24 (where fp32 spacing reaches 1/2, 1, 2), the largest float below
@@ -403,7 +440,7 @@ def _interpreter_libdevice():
         # The float64 sum of two fp32 values rounds only where one is below the other's last
         # bit by 2**29, and then not across an fp32 value; stepping back toward zero where
         # rounding to nearest went past the sum gives the sum rounded toward zero.
-        exact = a.to(tl.float64) + (b + tl.zeros_like(a)).to(tl.float64)
+        exact = a.to(tl.float64) + (tl.zeros_like(a) + b).to(tl.float64)
         nearest = exact.to(tl.float32)
         past = tl.abs(nearest.to(tl.float64)) > tl.abs(exact)
         return tl.where(past, (nearest.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), nearest)
@@ -495,6 +532,7 @@ def _interpreted_checks():
     q = rounding_cases(np.random.default_rng(2))
     for rounding in ROUNDINGS:
         assert_same_bits(round_in_kernel(q, rounding), round_codes(q, rounding))
+    assert_dequantized_codes(dequantize_in_kernel, q)
     x, weight = torch.randn(5, 3, 37), torch.randn(37)
     assert_rms_norm_matches(rms_norm_triton.launch_rms_norm(x, weight, 1e-5), x, weight, 1e-5)
     for h0 in (False, True):
@@ -515,18 +553,30 @@ def _interpreted_checks():
         (SPECS[3], None, (16, 2, 32, 1)),  # 32-position chunks: the mask's bits fill an int32
     ]
     for spec, context, config in cases:
-        assert module.kernel_parameters(spec, scales, x.device)["input_by_pair"] == spec.quantized
+        assert module.kernel_parameters(spec, scales, x.device, x.dtype)["input_by_pair"] == spec.quantized
         expected, seen = reference(x, w, b, spec, scales, context)
         recorder = observed_recorder("cpu")
         out = module.launch_conv_silu(x, w, b, spec, scales, recorder.layer(0, mask), context, config=config)
         assert_codes_match(out, expected, seen.before, spec, scales)
-        assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+        assert_same_statistics(recorder, expected_statistics(seen, out, mask, spec, scales), expected)
     # scales whose reciprocal pairs the check refuses: the kernel divides (`_divide`) instead
     with refused_pairs(module):
         for spec in (SPECS[1], SPECS[3], SPECS[4]):
             expected, seen = reference(x, w, b, spec, scales)
             out = module.launch_conv_silu(x, w, b, spec, scales, config=(16, 2, 8, 1))
             assert_codes_match(out, expected, seen.before, spec, scales)
+    # fp16 inputs that clamp (bf16 on the GPU: the interpreter truncates fp32 to bf16); weights
+    # whose preactivations leave `_silu_quotient`'s domain. (16, 2, 8, 1) has full programs (batch
+    # 0's first 16 positions and channels) and edge ones.
+    heavy, heavy_scales = heavy_weights(w, scales)
+    assert preactivation_extremes(x, heavy, b)[0] < -100 < 100 < preactivation_extremes(x, heavy, b)[1]
+    for spec in (SPECS[1], SPECS[3]):
+        for x_case, scales_case, w_case in [narrowed_inputs(x, scales, torch.float16) + (w,), (x, heavy_scales, heavy)]:
+            expected, seen = reference(x_case, w_case, b, spec, scales_case)
+            recorder = observed_recorder("cpu")
+            out = module.launch_conv_silu(x_case, w_case, b, spec, scales_case, recorder.layer(0, mask), config=(16, 2, 8, 1))
+            assert_codes_match(out, expected, seen.before, spec, scales_case)
+            assert_same_statistics(recorder, expected_statistics(seen, out, mask, spec, scales_case), expected)
     # padding as the model passes it (the conv's own mask): zeros in, zeros out, NaN in padding inert
     x_padded = x.clone()
     x_padded[1, :5] = float("nan")
@@ -536,7 +586,7 @@ def _interpreted_checks():
         out = module.launch_conv_silu(x_padded, w, b, spec, scales, recorder.layer(0, mask), None, mask, config=config)
         assert out[1, :5].eq(0).all() and not out.isnan().any()
         assert_codes_match(out, expected, seen.before, spec, scales)
-        assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+        assert_same_statistics(recorder, expected_statistics(seen, out, mask, spec, scales), expected)
     # values that are not finite, at real positions and in padding the conv is not told of: the
     # programs that meet them take the statistics' exact way, the others the fast way
     x_nonfinite = with_nonfinite_inputs(x)
@@ -545,7 +595,7 @@ def _interpreted_checks():
         recorder = observed_recorder("cpu")
         out = module.launch_conv_silu(x_nonfinite, w, b, spec, scales, recorder.layer(0, mask), config=config)
         assert_nonfinite_outputs_match(out, expected, seen.before, spec, scales)
-        assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+        assert_same_statistics(recorder, expected_statistics(seen, out, mask, spec, scales), expected)
     print("interpreted checks passed")
 
 
@@ -570,7 +620,40 @@ def test_gpu_conv_silu_matches_the_cpu_reference(spec, zero_padding):
     out = kernels.fused_conv_silu(x, w.cuda(), b.cuda(), spec, scales, recorder.layer(0, mask), left, conv_mask)
     assert out is not None, "the kernel declined"
     assert_codes_match(out, expected, seen.before, spec, scales)
-    assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+    assert_same_statistics(recorder, expected_statistics(seen, out, mask, spec, scales), expected)
+
+
+# Codes read back from fp16 and bf16 outputs (bf16 holds integers up to 256): the int8 range's specs.
+NARROW_CASES = [(spec, case) for spec in SPECS if spec.code_range() == (-128, 127) for case in ("fp16", "bf16")]
+# Heavy weights with clamped codes: without a clamp, `better`'s codes of SiLU outputs in the
+# thousands pass 2**24, and its errors are fp32's last bits, which exp moves (the statistics'
+# tolerances assume errors well above them).
+HEAVY_CASES = [(spec, "heavy-weights") for spec in SPECS if spec.code_range() is not None]
+
+
+@cuda_only
+@pytest.mark.parametrize(
+    "spec, case", NARROW_CASES + HEAVY_CASES,
+    ids=lambda value: value if isinstance(value, str) else f"{value.mode}-{value.rounding}-{value.operand_rounding}-{value.clamp}-{value.divisor:g}",
+)
+def test_gpu_conv_silu_clamps_narrow_inputs_and_tracks_large_preactivations(spec, case):
+    """Inputs clamped as loaded (fp16, bf16: `quant.value_bounds_in`), and full programs of
+    weights that carry |v| past `_silu_quotient`'s domain, which must track it and divide with
+    div_rn where they meet it: codes and statistics as the CPU's."""
+    x, w, b, scales = random_case(6, 3, 300, 512, device="cuda")
+    if case == "heavy-weights":
+        w, scales = heavy_weights(w, scales)
+        assert preactivation_extremes(x, w, b)[0] < -100
+    else:
+        x, scales = narrowed_inputs(x, scales, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[case]))
+    mask = torch.ones(3, 300, dtype=torch.bool, device="cuda")
+    mask[2, :40] = False
+    expected, seen = reference(x, w, b, spec, scales)
+    recorder = observed_recorder("cuda")
+    out = kernels.fused_conv_silu(x, w.cuda(), b.cuda(), spec, scales, recorder.layer(0, mask))
+    assert out is not None, "the kernel declined"
+    assert_codes_match(out, expected, seen.before, spec, scales)
+    assert_same_statistics(recorder, expected_statistics(seen, out, mask, spec, scales), expected)
 
 
 @cuda_only
@@ -582,7 +665,7 @@ def test_gpu_conv_silu_divides_where_reciprocal_pairs_are_refused(spec):
     x, w, b, scales = random_case(5, 2, 300, 1000, device="cuda")
     expected, seen = reference(x, w, b, spec, scales)
     with refused_pairs(module):
-        assert not module.kernel_parameters(spec, scales, x.device)["input_by_pair"]
+        assert not module.kernel_parameters(spec, scales, x.device, x.dtype)["input_by_pair"]
         out = kernels.fused_conv_silu(x, w.cuda(), b.cuda(), spec, scales)
     assert_codes_match(out, expected, seen.before, spec, scales)
 
@@ -615,7 +698,7 @@ def test_gpu_statistics_with_values_that_are_not_finite(spec):
     assert out is not None, "the kernel declined"
     assert_nonfinite_outputs_match(out.cpu(), expected, seen.before, spec, scales)
     assert recorder.sums[0, NONFINITE].item() > 0
-    assert_same_statistics(recorder, expected_statistics(seen, out, mask), expected)
+    assert_same_statistics(recorder, expected_statistics(seen, out, mask, spec, scales), expected)
 
 
 @cuda_only
@@ -679,7 +762,9 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from lm_eval_floatsim.kernels.conv_silu_triton import COMPILE_OPTIONS, MODE_FP, ROUNDING_IDS, _code, _divide, _silu
+    from lm_eval_floatsim.kernels.conv_silu_triton import (
+        COMPILE_OPTIONS, MODE_FP, ROUNDING_IDS, _code, _dequantized_code, _divide, _silu,
+    )  # fmt: skip
 
     @triton.jit
     def _round_kernel(q_ptr, out_ptr, n, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
@@ -692,6 +777,18 @@ if HAS_TRITON:
         out = torch.empty_like(q)
         _round_kernel[(triton.cdiv(q.numel(), 1024),)](q, out, q.numel(), ROUNDING=ROUNDING_IDS[rounding], BLOCK=1024,
                                                        **COMPILE_OPTIONS)
+        return out
+
+    @triton.jit
+    def _dequantize_kernel(q_ptr, out_ptr, n, scale, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        tl.store(out_ptr + offsets, _dequantized_code(tl.load(q_ptr + offsets, mask=inside), scale, ROUNDING), mask=inside)
+
+    def dequantize_in_kernel(q, scale, rounding):
+        out = torch.empty_like(q)
+        _dequantize_kernel[(triton.cdiv(q.numel(), 1024),)](q, out, q.numel(), scale, ROUNDING=ROUNDING_IDS[rounding],
+                                                            BLOCK=1024, **COMPILE_OPTIONS)  # fmt: skip
         return out
 
     @triton.jit
@@ -743,10 +840,12 @@ def test_gpu_division_through_the_reciprocal_is_torchs_division():
 @cuda_only
 def test_gpu_rounding_is_quant_py_rounding_bit_for_bit():
     """The compiled roundings against quant.py's on the CPU, signed zeros included: the kernel
-    rounds half away with a sum rounded toward zero, the CPU with trunc and the exact fraction."""
+    rounds half away with a sum rounded toward zero, the CPU with trunc and the exact fraction;
+    `_dequantized_code` rounds with 2**23 and scales in one FMA."""
     q = rounding_cases(np.random.default_rng(3))
     for rounding in ROUNDINGS:
         assert_same_bits(round_in_kernel(q.cuda(), rounding), round_codes(q, rounding))
+    assert_dequantized_codes(dequantize_in_kernel, q, "cuda")
 
 
 @cuda_only

@@ -15,14 +15,18 @@ reference's bit for bit:
 - a code needs only the quotient's rounding, not the quotient: where the host has checked
   (`quant.pair_codes_are_exact`) that t * r_hi + t * r_lo, with 1 / scale = r_hi + r_lo to 47 bits,
   rounds to the code of t / scale for every t between the value bounds, the kernel takes the
-  codes from those two FMAs (`_code_by_pair`), and from the quotient itself elsewhere;
+  codes from those two FMAs (`_code_by_pair`), and from the quotient itself elsewhere; a code
+  that is only multiplied by its scale is rounded by adding 2**23, its product taken in one FMA
+  (`_dequantized_code`), which keeps the rounding instruction off the unit exp and the SiLU's
+  reciprocal estimate already load;
 - the int8 kernel's integer accumulation runs in fp32, where it is exact: |acc| <= 4 * 128 * 128
   < 2**24, and a NaN input poisons its windows as quant._int8_kernel_preactivation does;
 - rounding gives quant.round_half_away's and quant.round_half_even's results, signed zeros
   included; clamping keeps NaN, as torch.clamp does. Both are written once, below. Codes are
   clamped by clamping the values they come from (`quant.value_bounds`), which is the same and
-  spares the division its overflow guard; a SiLU output is not clamped from below where its
-  lower bound lies under `quant.SILU_FLOOR`.
+  spares the division its overflow guard: fp16 and bf16 inputs as loaded, two per instruction,
+  to the bounds in their own format (`quant.value_bounds_in`); a SiLU output is not clamped from
+  below where its lower bound lies under `quant.SILU_FLOOR`.
 Only exp is not the CPU's: libdevice's expf and the CPU's may differ in the last bit, which can move
 a code only where y / scale sits within an ulp of a rounding tie.
 
@@ -34,8 +38,14 @@ the output a new contiguous tensor of x's dtype. Each program takes BLOCK_D chan
 chunks of CHUNK positions of one sequence and walks the chunks in step, position by position,
 keeping the last K-1 conv inputs in registers: every input is loaded and quantized once (plus
 K-1 per chunk), and the GROUP rows of a step are loaded together. The walk goes UNROLL positions
-a turn, unrolled, so that passing the window on costs no register moves, and loads a turn's rows
-while the turn before computes.
+a turn, unrolled, and loads a turn's rows while the turn before computes. The position strides
+are compile-time constants (one compilation per model width), so that a step's rows sit at
+constant offsets from the turn's.
+
+Most programs are full: every position real and inside the sequence, every channel inside, and,
+in a quantized mode, weights that bound every preactivation inside `_silu_quotient`'s domain.
+They walk without masks, realness or tracking |v| (`_walk`'s FULL); the others (a sequence's
+end, padding, the last channels, large weights) walk with them.
 
 The statistics' exact bookkeeping (a comparison and selects per value) took a quarter of the
 kernel's time, so they are kept a cheaper way that is exact only where every value is finite. A
@@ -74,16 +84,17 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX: finite (NaN com
 SILU_DOMAIN = tl.constexpr(80.0)  # |v| up to which `_silu_quotient` divides correctly
 SIGN_BIT = tl.constexpr(0x80000000)
 HALF_BITS = tl.constexpr(0x3F000000)  # 0.5
+MAGIC = tl.constexpr(8388608.0)  # 2**23: fp32 values from it to 2**24 are the integers
 # Compile options of every launch: libdevice without flush-to-zero (Triton's default flushes
 # subnormals in mul_rn, add_rn, fma and div_rn, where the CPU keeps them).
 COMPILE_OPTIONS = {"enable_reflect_ftz": False}
-# Positions per turn of the kernel's loop (where CHUNK is a multiple of it, else 1), without and
-# with statistics: four spread the loop's own instructions over more values (4-7% faster than two
-# in `launch_config`'s configurations); beside the statistics' accumulators they leave too few
-# registers (16-22% slower).
-UNROLLS = {False: 4, True: 2}
+# Positions per turn of the kernel's loop (where CHUNK is a multiple of it, else 1): four spread
+# the loop's own instructions over more values than two (docs/BENCHMARKS.md). A program with edges (positions past
+# the sequence's end or padding, channels past the last) keeps each position's realness beside
+# the statistics' accumulators: with four positions it spills, so it takes two there.
+UNROLL, EDGE_UNROLL_WITH_STATISTICS = 4, 2
 # Registers a thread may use in launches with statistics: ptxas takes up to 110, which fits 18
-# warps per SM; 96 fit 20-21 and spill nothing.
+# warps per SM; 96 fit 20-21, and the walks' loops spill nothing.
 STATS_MAX_REGISTERS = 96
 # Scales the kernel divides by (see `_divide`); a layer with others runs the PyTorch path.
 SCALE_RANGE = (2.0**-100, 2.0**100)
@@ -115,8 +126,8 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
         return out
     stats = observer is not None
     block_d, group, chunk, warps = config or launch_config(batch, length, channels, spec.quantized)
-    unroll = UNROLLS[stats] if chunk % UNROLLS[stats] == 0 else 1
-    params = kernel_parameters(spec, scales, x.device)
+    unroll, edge_unroll = unrolls(chunk, stats)
+    params = kernel_parameters(spec, scales, x.device, x.dtype)
     context = left_context if left_context is not None else x  # x: a placeholder never read
     zero_padding = mask is not None
     if mask is None and observer is not None:
@@ -136,7 +147,7 @@ def launch_conv_silu(x, weight, bias, spec, scales, observer=None, left_context=
         INPUT_BY_PAIR=params["input_by_pair"], OUTPUT_BY_PAIR=params["output_by_pair"],
         OUTPUT_FLOOR=params["output_floor"],
         HAS_CONTEXT=left_context is not None, HAS_MASK=mask is not None, ZERO_PADDING=zero_padding, STATS=stats,
-        BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=unroll,
+        BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=unroll, EDGE_UNROLL=edge_unroll,
         num_warps=warps, **COMPILE_OPTIONS, **({"maxnreg": STATS_MAX_REGISTERS} if stats else {}),
     )  # fmt: skip
     return out
@@ -148,7 +159,7 @@ def _can_run(x, weight, spec, scales, observer, left_context, mask) -> bool:
     observed = getattr(observer, "mask", None)
     if mask is not None and observed is not None and observed is not mask:
         return False
-    if spec.quantized and (scales is None or not kernel_parameters(spec, scales, x.device)["scales_in_range"]):
+    if spec.quantized and (scales is None or not kernel_parameters(spec, scales, x.device, x.dtype)["scales_in_range"]):
         return False
     if left_context is not None and tuple(left_context.shape) != (x.shape[0], TAPS.value - 1, x.shape[2]):
         return False
@@ -169,18 +180,27 @@ def launch_config(batch: int, length: int, channels: int, quantized: bool) -> tu
     return (32, group, chunk, 1) if quantized else (128, group, chunk, 4)
 
 
+def unrolls(chunk: int, stats: bool) -> tuple[int, int]:
+    """Positions per turn of the loop in full programs and in programs with edges."""
+    edge = EDGE_UNROLL_WITH_STATISTICS if stats else UNROLL
+    return tuple(unroll if chunk % unroll == 0 else 1 for unroll in (UNROLL, edge))
+
+
 @functools.lru_cache(maxsize=4096)
-def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales], device: torch.device) -> dict:
+def kernel_parameters(
+    spec: quant.QuantSpec, scales: Optional[quant.LayerScales], device: torch.device, dtype: torch.dtype
+) -> dict:
     """The kernel's mode ids and fp32 scalars, all taken from quant.py's definitions:
     (in_scale, weight_scale, bias_scale, acc_scale, out_scale), the correctly rounded reciprocals
     of the four quantization scales (in, weight, bias, out), the value bounds (`quant.value_bounds`)
-    of the input's codes and of the output's code range, and the reciprocal pairs of the input and
+    of the input's codes, those of the input's codes for inputs of `dtype` (`quant.value_bounds_in`)
+    and the value bounds of the output's code range, and the reciprocal pairs of the input and
     output scales (`quant.reciprocal_pair`); whether every scale is in SCALE_RANGE (and the bounds
     were found); whether the input's and the output's codes may come from their pair
     (`quant.pair_codes_are_exact`, checked on `device`); whether the output's lower value bound can
     clamp a SiLU output (above `quant.SILU_FLOOR`: almost never, as it lies near -max |y|)."""
     if not spec.quantized:
-        scalars = (1.0,) * 9 + (0.0,) * 8
+        scalars = (1.0,) * 9 + (0.0,) * 10
         return {"mode": MODE_FP.value, "rounding": HALF_AWAY.value, "operand_rounding": HALF_AWAY.value, "clamp": False,
                 "scales_in_range": True, "input_by_pair": False, "output_by_pair": False, "output_floor": False,
                 "scalars": scalars}
@@ -197,7 +217,8 @@ def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]
         output_bounds = tuple(_fp32(bound) for bound in code_range)
     elif code_range is not None and in_range:
         output_bounds = quant.value_bounds(s_y, code_range, spec.output_rounding)
-    scales_in_range = in_range and input_bounds is not None and output_bounds is not None
+    input_bounds_x = input_bounds and quant.value_bounds_in(input_bounds, dtype, s_x, quant.INT8_RANGE, quant.KERNEL_ROUNDING)
+    scales_in_range = in_range and input_bounds_x is not None and output_bounds is not None
     output_by_pair = scales_in_range and code_range is not None and not fast
     return {
         "mode": MODE_INT8_FAST.value if fast else MODE_IDS[spec.kind.arithmetic],
@@ -210,7 +231,7 @@ def kernel_parameters(spec: quant.QuantSpec, scales: Optional[quant.LayerScales]
         "output_by_pair": output_by_pair and quant.pair_codes_are_exact(s_y, code_range, spec.output_rounding, device),
         "output_floor": output_bounds is not None and output_bounds[0] > quant.SILU_FLOOR,
         "scalars": (s_x, s_w, s_b, acc_scale, s_y) + tuple(_reciprocal(scale) for scale in divisors)
-        + (input_bounds or (0.0, 0.0)) + (output_bounds or (0.0, 0.0))
+        + (input_bounds or (0.0, 0.0)) + (input_bounds_x or (0.0, 0.0)) + (output_bounds or (0.0, 0.0))
         + quant.reciprocal_pair(s_x) + quant.reciprocal_pair(s_y),
     }
 
@@ -245,15 +266,41 @@ def _code(t, scale, reciprocal, ROUNDING: tl.constexpr, BOUNDED: tl.constexpr = 
 
 
 @triton.jit
-def _code_by_pair(t, pair_hi, pair_lo, ROUNDING: tl.constexpr):
-    """`_code` of a t clamped to `quant.value_bounds`, for a scale whose reciprocal pair
-    (`quant.reciprocal_pair`) passed `quant.pair_codes_are_exact`: the codes of
-    quant.pair_quotient's t * r_hi + t * r_lo, two FMAs where `_divide` takes five."""
+def _pair_quotient(t, pair_hi, pair_lo, ROUNDING: tl.constexpr):
+    """quant.pair_quotient: t * r_hi + t * r_lo in two FMAs (where `_divide` takes five), for a t
+    clamped to `quant.value_bounds` of a scale whose reciprocal pair (`quant.reciprocal_pair`)
+    passed `quant.pair_codes_are_exact`: its code is `_code`'s. Half away from zero takes
+    RN(t / s) + 0.0, as `_divide` does: never -0.0."""
     if ROUNDING == HALF_AWAY:
         low = libdevice.fma(t, pair_lo, 0.0)  # -0.0 * r_lo + 0.0 is +0.0: t = -0.0 gives +0.0
     else:
         low = libdevice.mul_rn(t, pair_lo)
-    return _rounded(libdevice.fma(t, pair_hi, low), ROUNDING)
+    return libdevice.fma(t, pair_hi, low)
+
+
+@triton.jit
+def _code_by_pair(t, pair_hi, pair_lo, ROUNDING: tl.constexpr):
+    """`_code` of a t clamped to `quant.value_bounds`, from its `_pair_quotient`."""
+    return _rounded(_pair_quotient(t, pair_hi, pair_lo, ROUNDING), ROUNDING)
+
+
+@triton.jit
+def _dequantized_code(q, scale, ROUNDING: tl.constexpr):
+    """RN(round(q) * scale), signed zeros included, for a quotient |q| < 2**22 that is not -0.0
+    where rounding half away (`_pair_quotient`'s), with no rounding instruction: the SM runs
+    those (FRND) on the quarter-rate unit that also runs exp's and the reciprocal's (MUFU).
+    Adding 2**23 to a |q| + 1/2 that was rounded toward zero (as `_round_half_away` does), toward
+    zero again, gives 2**23 + floor(|q| + 1/2); to |q| rounded to nearest, 2**23 + rint(|q|): the
+    sums lie in [2**23, 2**24), where fp32 values are the integers. One FMA takes 2**23 * scale
+    (exact) off their product with the scale, rounding (|code|) * scale once, and q's sign bit
+    goes on after: round(q) is |round(q)| with q's sign, -0.0 for q in (-1/2, 0) included."""
+    sign = q.to(tl.uint32, bitcast=True) & SIGN_BIT
+    if ROUNDING == HALF_AWAY:
+        shifted = libdevice.add_rz(libdevice.add_rz(tl.abs(q), 0.5), MAGIC)
+    else:
+        shifted = libdevice.add_rn(tl.abs(q), MAGIC)
+    magnitude = libdevice.fma(shifted, scale, scale * -MAGIC)
+    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -415,16 +462,23 @@ def _conv_operand(raw, scale, reciprocal, MODE: tl.constexpr, ROUNDING: tl.const
 @triton.jit
 def _input_operand(raw, input_scales, MODE: tl.constexpr, BY_PAIR: tl.constexpr):
     """A conv input as the mode sees it, `_conv_operand`'s, with its code range's clamp taken
-    on the value (`quant.value_bounds`), where it spares the division's overflow guard."""
-    in_scale, in_reciprocal, in_lo, in_hi, in_pair_hi, in_pair_lo = input_scales
-    value = raw.to(tl.float32)
+    on the value (`quant.value_bounds`), where it spares the division's overflow guard: on the
+    input as loaded where it is fp16 or bf16 (`quant.value_bounds_in`; two values per instruction),
+    on its fp32 value otherwise."""
+    in_scale, in_reciprocal, in_lo, in_hi, in_lo_x, in_hi_x, in_pair_hi, in_pair_lo = input_scales
     if MODE == MODE_FP:
-        return value
-    elif BY_PAIR:
-        codes = _code_by_pair(_clamp(value, in_lo, in_hi), in_pair_hi, in_pair_lo, HALF_AWAY)
-        return _dequantized(codes, in_scale, MODE)
+        return raw.to(tl.float32)
     else:
-        return _dequantized(_code(_clamp(value, in_lo, in_hi), in_scale, in_reciprocal, HALF_AWAY, True), in_scale, MODE)
+        if raw.dtype == tl.float32:
+            value = _clamp(raw, in_lo, in_hi)
+        else:
+            value = _clamp(raw, tl.cast(in_lo_x, raw.dtype), tl.cast(in_hi_x, raw.dtype)).to(tl.float32)
+        if BY_PAIR and MODE == MODE_SIM:
+            return _dequantized_code(_pair_quotient(value, in_pair_hi, in_pair_lo, HALF_AWAY), in_scale, HALF_AWAY)
+        elif BY_PAIR:
+            return _code_by_pair(value, in_pair_hi, in_pair_lo, HALF_AWAY)
+        else:
+            return _dequantized(_code(value, in_scale, in_reciprocal, HALF_AWAY, True), in_scale, MODE)
 
 
 @triton.jit
@@ -499,13 +553,16 @@ def _load_inputs(x_ptr, sx_b, sx_l, sx_d, batch, t, d, d_ok, length):
 
 
 @triton.jit
-def _load_turn(x_rows, x_at, sx_l, first: tl.constexpr, ahead, d_ok, UNROLL: tl.constexpr):
+def _load_turn(x_rows, x_at, sx_l, first: tl.constexpr, ahead, d_ok, UNROLL: tl.constexpr, FULL: tl.constexpr):
     """The UNROLL rows at steps first + step from `x_rows`, as a tuple; zeros from `ahead` steps on
-    (the chunk's or the sequence's end)."""
+    (the chunk's or the sequence's end) unless the program is FULL."""
     rows = ()
     for step in tl.static_range(UNROLL):
-        inside = (first + step < ahead)[:, None] & d_ok[None, :]
-        rows = rows + (tl.load(x_rows + (x_at + (first + step) * sx_l), mask=inside, other=0.0),)
+        if FULL:
+            rows = rows + (tl.load(x_rows + (x_at + (first + step) * sx_l)),)
+        else:
+            inside = (first + step < ahead)[:, None] & d_ok[None, :]
+            rows = rows + (tl.load(x_rows + (x_at + (first + step) * sx_l), mask=inside, other=0.0),)
     return rows
 
 
@@ -553,24 +610,28 @@ def _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK: tl.constex
 
 @triton.jit
 def _walk(
-    source, context, padding, target, batch, starts, d, d_ok, length, real_bits, weights, input_scales, output_scales,
-    MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr, INPUT_BY_PAIR: tl.constexpr,
+    program, MODE: tl.constexpr, ROUNDING: tl.constexpr, CLAMP: tl.constexpr, INPUT_BY_PAIR: tl.constexpr,
     OUTPUT_BY_PAIR: tl.constexpr, OUTPUT_FLOOR: tl.constexpr, HAS_CONTEXT: tl.constexpr, ZERO_PADDING: tl.constexpr,
     STATS: tl.constexpr, EXACT: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, FULL: tl.constexpr,
 ):  # fmt: skip
-    """The conv over a program's GROUP chunks, step by step: stores the output and returns
+    """The conv over a program's GROUP chunks (`program`: its memory, positions, channels,
+    weights and scales), step by step: stores the output and returns
     the statistics' five per-lane accumulators (sum |error|, sum before**2, sum error**2,
     max |error|, tallies) over real positions, and the largest |preactivation| per lane (where not
-    EXACT). EXACT divides for SiLU with div_rn. The statistics are kept one of two ways (STATS):
-    - the fast way multiplies each value by its position's realness (1.0 or 0.0) and tallies the
-      clamped values: no comparison and no select per value but the clamp's. Where every value
-      is finite, its sums are the exact way's; where one is not, the sum of |error| or of
-      before**2 is not finite either (NaN * 0.0 is NaN), and the kernel takes the exact way;
+    EXACT, and not FULL in a quantized mode: `_program` has bounded it). EXACT divides for SiLU
+    with div_rn. A FULL program (`_program`) loads and stores without masks and counts every value.
+    The statistics are kept one of two ways (STATS):
+    - the fast way multiplies each value by its position's realness (1.0 or 0.0; FULL: every
+      value is real) and tallies the clamped values: no comparison and no select per value but
+      the clamp's. Where every value is finite, its sums are the exact way's; where one is not,
+      the sum of |error| or of before**2 is not finite either (NaN * 0.0 is NaN), and the kernel
+      takes the exact way;
     - EXACT leaves out each value that is not real or whose error is not finite, and tallies
       counted + (CHUNK + 1) * clamped: two counts of at most CHUNK each, so that
       trunc(tallies / (CHUNK + 1)) is the clamped count, exactly.
     """
+    source, context, padding, target, batch, starts, d, d_ok, length, real_bits, weights, input_scales, output_scales = program  # fmt: skip
     x_ptr, sx_b, sx_l, sx_d = source
     ctx_ptr, sc_b, sc_l, sc_d = context
     mask_ptr, sm_b, sm_l = padding
@@ -602,21 +663,27 @@ def _walk(
     out_rows = out_ptr + batch * so_b + starts[:, None].to(tl.int64) * so_l + d[None, :] * so_d
     ahead = tl.minimum(length - starts, CHUNK)
     x_at, out_at = 0, 0
-    rows = _load_turn(x_rows, x_at, sx_l, 0, ahead, d_ok, UNROLL)
+    rows = _load_turn(x_rows, x_at, sx_l, 0, ahead, d_ok, UNROLL, FULL)
     for _ in range(0, CHUNK, UNROLL):
         # The next turn's rows are loaded before this turn's are computed: their latency overlaps.
-        next_rows = _load_turn(x_rows, x_at, sx_l, UNROLL, ahead, d_ok, UNROLL)
+        # Past the chunk's last turn, masks keep an edge program's loads inside; a full program,
+        # unmasked, loads its last turn's rows again (the chunk may end the tensor).
+        if FULL:
+            next_rows = _load_turn(x_rows, tl.minimum(x_at + UNROLL * sx_l, (CHUNK - UNROLL) * sx_l), sx_l, 0, ahead, d_ok, UNROLL, FULL)  # fmt: skip
+        else:
+            next_rows = _load_turn(x_rows, x_at, sx_l, UNROLL, ahead, d_ok, UNROLL, FULL)
         for step in tl.static_range(UNROLL):
-            bit = (pending_bits[:, None] >> step) & 1
-            real = bit != 0
             raw = rows[step]
-            if ZERO_PADDING:
+            if not FULL:
+                bit = (pending_bits[:, None] >> step) & 1
+                real = bit != 0
+            if ZERO_PADDING and not FULL:
                 x3 = _input_operand(tl.where(real, raw, 0.0), input_scales, MODE, INPUT_BY_PAIR)
             else:
                 x3 = _input_operand(raw, input_scales, MODE, INPUT_BY_PAIR)
             v = _preactivation(x0, x1, x2, x3, w0, w1, w2, w3, bias_term, acc_scale, MODE)
             before = _silu(v, MODE, EXACT)
-            if not EXACT and MODE != MODE_INT8_FAST:
+            if not EXACT and MODE != MODE_INT8_FAST and not (FULL and MODE != MODE_FP):
                 largest_v = tl.maximum(largest_v, tl.abs(v))  # NaN passes: its quotient is NaN either way
             if MODE == MODE_FP:
                 after = before
@@ -625,22 +692,24 @@ def _walk(
                     rounded = _round_half_away(_fast_quotient(before, out_scale))
                     codes = _clamp(rounded, out_lo, out_hi)
                     clamped = codes != rounded
+                    after = libdevice.mul_rn(codes, out_scale)
                 elif CLAMP:  # clamped on the value (`quant.value_bounds`)
                     if OUTPUT_FLOOR:
                         kept = _clamp(before, out_lo, out_hi)
                     else:
                         kept = tl.minimum(before, out_hi, propagate_nan=tl.PropagateNan.ALL)
                     if OUTPUT_BY_PAIR:
-                        codes = _code_by_pair(kept, out_pair_hi, out_pair_lo, ROUNDING)
+                        after = _dequantized_code(_pair_quotient(kept, out_pair_hi, out_pair_lo, ROUNDING), out_scale, ROUNDING)  # fmt: skip
                     else:
-                        codes = _code(kept, out_scale, out_reciprocal, ROUNDING, True)
+                        after = libdevice.mul_rn(_code(kept, out_scale, out_reciprocal, ROUNDING, True), out_scale)
                     clamped = kept != before
                 else:
-                    codes = _code(before, out_scale, out_reciprocal, ROUNDING)
-                after = libdevice.mul_rn(codes, out_scale)
+                    after = libdevice.mul_rn(_code(before, out_scale, out_reciprocal, ROUNDING), out_scale)
             targets = out_rows + (out_at + step * so_l)
             in_sequence = (step < ahead)[:, None] & d_ok[None, :]
-            if ZERO_PADDING:
+            if FULL:
+                tl.store(targets, after.to(out_ptr.dtype.element_ty))
+            elif ZERO_PADDING:
                 tl.store(targets, tl.where(real, after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
             else:
                 tl.store(targets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
@@ -655,6 +724,11 @@ def _walk(
                         tallies += tl.where(counted, tl.where(clamped, CHUNK + 2.0, 1.0), 0.0)
                     else:
                         tallies += counted.to(tl.float32)
+                elif FULL:
+                    signal = before
+                    error = after - before
+                    if CLAMP:
+                        tallies += clamped.to(tl.float32)
                 else:
                     # after - before where real in one FMA (before * -1.0 is exact), +-0.0 elsewhere.
                     realness = bit.to(tl.float32)
@@ -679,21 +753,21 @@ def _walk(
 
 @triton.jit(do_not_specialize=["length"])
 def _conv_silu_kernel(
-    x_ptr, sx_b, sx_l, sx_d,
+    x_ptr, sx_b, sx_l: tl.constexpr, sx_d,
     ctx_ptr, sc_b, sc_l, sc_d,
     w_ptr, sw_d, sw_k,
     b_ptr, sb_d,
-    out_ptr, so_b, so_l, so_d,
+    out_ptr, so_b, so_l: tl.constexpr, so_d,
     mask_ptr, sm_b, sm_l,
     sums_ptr, maxes_ptr,
     length, channels,
     in_scale, weight_scale, bias_scale, acc_scale, out_scale,
     in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
-    in_lo, in_hi, out_lo, out_hi, in_pair_hi, in_pair_lo, out_pair_hi, out_pair_lo,
+    in_lo, in_hi, in_lo_x, in_hi_x, out_lo, out_hi, in_pair_hi, in_pair_lo, out_pair_hi, out_pair_lo,
     MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
     INPUT_BY_PAIR: tl.constexpr, OUTPUT_BY_PAIR: tl.constexpr, OUTPUT_FLOOR: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr, STATS: tl.constexpr,
-    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr, EDGE_UNROLL: tl.constexpr,
 ):  # fmt: skip
     memory = (
         x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, w_ptr, sw_d, sw_k, b_ptr, sb_d,
@@ -702,11 +776,11 @@ def _conv_silu_kernel(
     quantization = (
         in_scale, weight_scale, bias_scale, acc_scale, out_scale,
         in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal,
-        in_lo, in_hi, out_lo, out_hi, in_pair_hi, in_pair_lo, out_pair_hi, out_pair_lo,
+        in_lo, in_hi, in_lo_x, in_hi_x, out_lo, out_hi, in_pair_hi, in_pair_lo, out_pair_hi, out_pair_lo,
     )  # fmt: skip
     totals, largest_v = _program(
         memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR,
-        HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL, STATS=STATS, EXACT=False,
+        HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL, EDGE_UNROLL, STATS=STATS, EXACT=False,
     )  # fmt: skip
     again = largest_v > SILU_DOMAIN  # see _silu_quotient
     if STATS:
@@ -714,7 +788,7 @@ def _conv_silu_kernel(
     if again:
         totals = _program_exactly(
             memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR,
-            HAS_CONTEXT, HAS_MASK, ZERO_PADDING, STATS, BLOCK_D, GROUP, CHUNK, UNROLL
+            HAS_CONTEXT, HAS_MASK, ZERO_PADDING, STATS, BLOCK_D, GROUP, CHUNK, EDGE_UNROLL
         )  # fmt: skip
     if STATS:
         slot = (tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))) % SLOTS
@@ -741,7 +815,7 @@ def _program_exactly(
     slower."""
     totals, _ = _program(
         memory, quantization, MODE, ROUNDING, OPERAND_ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR,
-        HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL, STATS=STATS, EXACT=True,
+        HAS_CONTEXT, HAS_MASK, ZERO_PADDING, BLOCK_D, GROUP, CHUNK, UNROLL, UNROLL, STATS=STATS, EXACT=True,
     )  # fmt: skip
     return totals
 
@@ -751,13 +825,14 @@ def _program(
     memory, quantization, MODE: tl.constexpr, ROUNDING: tl.constexpr, OPERAND_ROUNDING: tl.constexpr, CLAMP: tl.constexpr,
     INPUT_BY_PAIR: tl.constexpr, OUTPUT_BY_PAIR: tl.constexpr, OUTPUT_FLOOR: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_MASK: tl.constexpr, ZERO_PADDING: tl.constexpr,
-    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr, EDGE_UNROLL: tl.constexpr,
     STATS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
-    """One program's work (`_walk`): its statistics' totals (`_program_statistics`) and the
-    largest |preactivation| it met."""
+    """One program's work (`_walk`, FULL where it is a full program): its statistics' totals
+    (`_program_statistics`) and the largest |preactivation| it met (0 where it is full and in a
+    quantized mode)."""
     x_ptr, sx_b, sx_l, sx_d, ctx_ptr, sc_b, sc_l, sc_d, w_ptr, sw_d, sw_k, b_ptr, sb_d, out_ptr, so_b, so_l, so_d, mask_ptr, sm_b, sm_l, length, channels = memory  # fmt: skip
-    in_scale, weight_scale, bias_scale, acc_scale, out_scale, in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal, in_lo, in_hi, out_lo, out_hi, in_pair_hi, in_pair_lo, out_pair_hi, out_pair_lo = quantization  # fmt: skip
+    in_scale, weight_scale, bias_scale, acc_scale, out_scale, in_reciprocal, weight_reciprocal, bias_reciprocal, out_reciprocal, in_lo, in_hi, in_lo_x, in_hi_x, out_lo, out_hi, in_pair_hi, in_pair_lo, out_pair_hi, out_pair_lo = quantization  # fmt: skip
     batch = tl.program_id(2).to(tl.int64)
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < channels
@@ -769,16 +844,37 @@ def _program(
     w3 = _weight_operand(w_ptr, sw_d, sw_k, d, d_ok, 3, weight_scale, weight_reciprocal, MODE, OPERAND_ROUNDING)[None, :]
     bias_term = _bias_term(b_ptr, sb_d, d, d_ok, bias_scale, bias_reciprocal, MODE, OPERAND_ROUNDING)[None, :]
     real_bits = _real_bits(mask_ptr, sm_b, sm_l, batch, starts, length, HAS_MASK, CHUNK)
-
-    sums, largest_v = _walk(
-        (x_ptr, sx_b, sx_l, sx_d), (ctx_ptr, sc_b, sc_l, sc_d), (mask_ptr, sm_b, sm_l), (out_ptr, so_b, so_l, so_d),
-        batch, starts, d, d_ok, length, real_bits,
-        (w0, w1, w2, w3, bias_term), (in_scale, in_reciprocal, in_lo, in_hi, in_pair_hi, in_pair_lo),
-        (acc_scale, out_scale, out_reciprocal, out_lo, out_hi, out_pair_hi, out_pair_lo),
-        MODE, ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR, HAS_CONTEXT, ZERO_PADDING, STATS, EXACT,
-        BLOCK_D, GROUP, CHUNK, UNROLL,
-    )  # fmt: skip
     n_real = tl.sum(libdevice.popc(real_bits).to(tl.float32)) * tl.sum(d_ok.to(tl.float32))
+
+    source, context, padding, target = (x_ptr, sx_b, sx_l, sx_d), (ctx_ptr, sc_b, sc_l, sc_d), (mask_ptr, sm_b, sm_l), (out_ptr, so_b, so_l, so_d)  # fmt: skip
+    weights = (w0, w1, w2, w3, bias_term)
+    input_scales = (in_scale, in_reciprocal, in_lo, in_hi, in_lo_x, in_hi_x, in_pair_hi, in_pair_lo)
+    output_scales = (acc_scale, out_scale, out_reciprocal, out_lo, out_hi, out_pair_hi, out_pair_lo)
+    # A program whose positions are all real and inside, of channels all inside, walks without
+    # masks; in a quantized mode also without tracking |v|, where its weights bound every
+    # preactivation inside `_silu_quotient`'s domain (`_preactivation` of the largest input code's
+    # magnitude and of |w|, |b|: its roundings are monotone, so it bounds every |v|).
+    full = n_real == GROUP * CHUNK * BLOCK_D
+    if MODE == MODE_INT8 or MODE == MODE_SIM:
+        x_max = _dequantized(128.0, in_scale, MODE)
+        v_max = _preactivation(x_max, x_max, x_max, x_max, tl.abs(w0), tl.abs(w1), tl.abs(w2), tl.abs(w3), tl.abs(bias_term), acc_scale, MODE)  # fmt: skip
+        full = full & (tl.max(v_max) <= SILU_DOMAIN)
+    program = (source, context, padding, target, batch, starts, d, d_ok, length, real_bits, weights, input_scales, output_scales)  # fmt: skip
+    if EXACT:
+        sums, largest_v = _walk(
+            program, MODE, ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR, HAS_CONTEXT, ZERO_PADDING, STATS,
+            EXACT, BLOCK_D, GROUP, CHUNK, EDGE_UNROLL, FULL=False,
+        )  # fmt: skip
+    elif full:
+        sums, largest_v = _walk(
+            program, MODE, ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR, HAS_CONTEXT, ZERO_PADDING, STATS,
+            EXACT, BLOCK_D, GROUP, CHUNK, UNROLL, FULL=True,
+        )  # fmt: skip
+    else:
+        sums, largest_v = _walk(
+            program, MODE, ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR, HAS_CONTEXT, ZERO_PADDING, STATS,
+            EXACT, BLOCK_D, GROUP, CHUNK, EDGE_UNROLL, FULL=False,
+        )  # fmt: skip
     return _program_statistics(sums, n_real, EXACT, CHUNK), tl.max(largest_v)
 
 
