@@ -1,4 +1,4 @@
-"""SASS instructions per value of the fused Conv1D+SiLU kernel's main loop, compiled for sm_90
+"""SASS instructions per value of the fused Conv1D+SiLU kernel's loops, compiled for sm_90
 without a GPU (Triton's wheel carries ptxas and nvdisasm), for the launch the model makes at
 B=64, L=2048, D=1536 with fp16 activations.
 
@@ -7,8 +7,10 @@ The quantized kernel is bound by the instructions it issues per value, not by me
 
     pip install triton==3.6.0 && python benchmarks/conv_instructions.py
 
-The main loop is the largest backward branch without div_rn's range check (FCHK), i.e. the first
-walk, not `_program_exactly`'s.
+Each program walks one of two loops: a full program's (every position real and inside, every
+channel inside; in a quantized mode its weights bound |v|), without masks, and an edge program's.
+Each is the largest backward branch of its kind without div_rn's range check (FCHK), i.e. not
+`_program_exactly`'s.
 """
 
 from __future__ import annotations
@@ -39,16 +41,18 @@ def compiled(mode: int, stats: bool):
     integers = {"sx_b": LENGTH * 2 * CHANNELS, "sx_l": 2 * CHANNELS, "sx_d": 1, "sc_b": LENGTH * 2 * CHANNELS,
                 "sc_l": 2 * CHANNELS, "sc_d": 1, "sw_d": 4, "sw_k": 1, "sb_d": 1, "so_b": LENGTH * CHANNELS,
                 "so_l": CHANNELS, "so_d": 1, "sm_b": 0, "sm_l": 0, "length": LENGTH, "channels": CHANNELS}  # fmt: skip
+    unroll, edge_unroll = module.unrolls(chunk, stats)
     switches = dict(
         MODE=mode, ROUNDING=0, OPERAND_ROUNDING=0, CLAMP=mode != module.MODE_FP.value, INPUT_BY_PAIR=True,
         OUTPUT_BY_PAIR=True, OUTPUT_FLOOR=False, HAS_CONTEXT=False, HAS_MASK=False, ZERO_PADDING=False, STATS=stats,
-        BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=module.UNROLLS[stats],
+        BLOCK_D=block_d, GROUP=group, CHUNK=chunk, UNROLL=unroll, EDGE_UNROLL=edge_unroll,
     )
     signature, constants, attributes = {}, {}, {}
-    for index, name in enumerate(module._conv_silu_kernel.arg_names):
+    for index, parameter in enumerate(module._conv_silu_kernel.params):
+        name = parameter.name
         if name in pointers:
             signature[name], attributes[(index,)] = pointers[name], [["tt.divisibility", 16]]
-        elif name in switches or integers.get(name) in (0, 1) and name != "length":
+        elif parameter.is_constexpr or integers.get(name) in (0, 1) and name != "length":
             signature[name], constants[(index,)] = "constexpr", switches.get(name, integers.get(name))
         elif name in integers:
             signature[name] = "i32"  # length is not specialized (do_not_specialize)
@@ -61,8 +65,8 @@ def compiled(mode: int, stats: bool):
         options["maxnreg"] = module.STATS_MAX_REGISTERS
     kernel = triton.compile(ASTSource(module._conv_silu_kernel, signature, constants, attributes),
                             target=GPUTarget("cuda", 90, 32), options=options)  # fmt: skip
-    values_per_turn = group * block_d // (32 * warps) * module.UNROLLS[stats]
-    return kernel, values_per_turn
+    per_step = group * block_d // (32 * warps)
+    return kernel, {"full": per_step * unroll, "edge": per_step * edge_unroll}
 
 
 def sass(kernel) -> str:
@@ -73,8 +77,10 @@ def sass(kernel) -> str:
         return subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
 
 
-def main_loop(text: str) -> list[str]:
-    """The instructions of the largest loop (a label and a backward branch to it) without FCHK."""
+def walk_loops(text: str) -> dict[str, list[str]]:
+    """The instructions of the walks' loops (a label and a backward branch to it; the largest
+    without div_rn's FCHK of each kind): "full" programs' loads are unpredicated, "edge" programs'
+    are masked."""
     instructions, labels, pending = [], {}, []
     for line in text.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
@@ -87,26 +93,31 @@ def main_loop(text: str) -> list[str]:
             labels.update((name, address) for name in pending)
             pending = []
             instructions.append((address, instruction.group(2)))
-    best = []
+    loops = {"full": [], "edge": []}
     for address, text in instructions:
         branch = re.search(r"BRA.*`\((\.L_x_\d+)\)", text)
         if branch and labels.get(branch.group(1), address + 1) <= address:
             body = [i for a, i in instructions if labels[branch.group(1)] <= a <= address]
-            if not any("FCHK" in i for i in body) and len(body) > len(best):
-                best = body
-    return best
+            loads = [i for i in body if " LDG" in f" {i}"]
+            if not loads or any("FCHK" in i for i in body):
+                continue
+            kind = "edge" if any(i.startswith("@") for i in loads) else "full"
+            if len(body) > len(loops[kind]):
+                loops[kind] = body
+    return loops
 
 
 def main() -> None:
-    print("| mode | statistics | loop instructions | values per thread and turn | per value | most frequent |")
-    print("|---|---|---:|---:|---:|---|")
+    print("| mode | statistics | programs | loop instructions | values per thread and turn | per value | most frequent |")
+    print("|---|---|---|---:|---:|---:|---|")
     for name, mode in MODES.items():
         for stats in (False, True):
             kernel, values = compiled(mode, stats)
-            body = main_loop(sass(kernel))
-            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for i in body)
-            top = ", ".join(f"{op} {count / values:g}" for op, count in ops.most_common(6))
-            print(f"| {name} | {'yes' if stats else 'no'} | {len(body)} | {values} | {len(body) / values:.1f} | {top} |")
+            for kind, body in walk_loops(sass(kernel)).items():
+                ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for i in body)
+                top = ", ".join(f"{op} {count / values[kind]:g}" for op, count in ops.most_common(6))
+                per_value = len(body) / values[kind]
+                print(f"| {name} | {'yes' if stats else 'no'} | {kind} | {len(body)} | {values[kind]} | {per_value:.1f} | {top} |")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ SPECS = {mode: QuantSpec(mode) for mode in MODES}
 SECTIONS = ("env", "model", "conv", "scan", "codes")
 # (BLOCK_D, GROUP, CHUNK, num_warps) of the conv section's configuration sweep
 CONV_CONFIGS = [(128, 4, 32, 4), (32, 4, 32, 1), (128, 8, 32, 4), (64, 4, 32, 2), (32, 8, 32, 2), (256, 2, 32, 4), (128, 2, 32, 4)]
-UNROLLS = (2, 4)  # the conv loop's positions per turn, measured against each other in these configurations
+UNROLLS = (2, 4)  # positions per turn of full programs' conv loop, measured against each other in these configurations
 UNROLL_CONFIGS = [(32, 4, 32, 1), (128, 4, 32, 4)]
 
 
@@ -246,10 +246,10 @@ def section_conv(args, device, results):
             add(f"{mode} kernel{' + statistics' if stats else ''}", graph_timed_ms(run, device, args.iters, 4), list(config))
     from lm_eval_floatsim.kernels import conv_silu_triton as module
 
-    unrolls = module.UNROLLS
+    default_unroll = module.UNROLL
     small = conv_case(args.batch, args.length, channels, device)
-    for unroll in UNROLLS:  # positions per turn of the kernel's loop, against the launch configuration
-        module.UNROLLS = {False: unroll, True: unroll}
+    for unroll in UNROLLS:  # positions per turn of full programs' loop, against the launch configuration
+        module.UNROLL = unroll
         for mode, stats in (("int8", False), ("int8", True), ("same", False), ("better", False), ("better", True)):
             for config in UNROLL_CONFIGS:
                 observer = statistics_only(1, device).layer(0, None) if stats else None
@@ -259,7 +259,7 @@ def section_conv(args, device, results):
                 run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer, config=short)
                 add(f"{mode} kernel{' + statistics' if stats else ''}, UNROLL={unroll}, B={args.batch} L={args.length}",
                     graph_timed_ms(run, device, args.iters), list(short), 2 * small[0].numel() * small[0].element_size())
-    module.UNROLLS = unrolls
+    module.UNROLL = default_unroll
     for mode in MODES:
         for stats in (False, True):
             observer = statistics_only(1, device).layer(0, None) if stats else None

@@ -21,7 +21,7 @@ case $1 in
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
     tests="tests/test_kernels.py tests/test_fast_path.py tests/test_mamba.py tests/test_recorder.py"  # test_bootstrap and test_scoring need lm-eval: the sweep case runs them
     python3 -c "import hypothesis" 2>/dev/null && tests="$tests tests/test_quant.py"  # test_quant's property tests need it
-    timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -k "not interpreter" $tests 2>&1 | tee "$out/pytest_gpu.log"
+    timeout 420 python3 -m pytest -q -rfs -p no:cacheprovider -k "not interpreter" $tests 2>&1 | tee "$out/pytest_gpu.log"
     timeout 280 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
     ;;
   lm_eval)
