@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU machine's side of the benchmarks (run from the repository root there, see docs/BENCHMARKS.md).
-#   bash benchmarks/gpu_run.sh bench     every GPU test, then gpu_bench.py         (carry .device/a)
+#   bash benchmarks/gpu_run.sh tests     every GPU test (about 8 min on a fresh machine)   (carry .device/a)
+#   bash benchmarks/gpu_run.sh bench     gpu_bench.py                                      (carry .device/a)
 #   bash benchmarks/gpu_run.sh lm_eval   lm_eval_runs.py: lm_eval --model mamba_ssm vs mamba_floatsim per mode (carry .device/b)
 #   bash benchmarks/gpu_run.sh sweep     the bootstrap's and scoring's GPU tests, then lm_eval_runs.py: one lm_eval
 #                                        run vs sweep (6 runs) vs sensitivity (26) (carry .device/c)
@@ -15,14 +16,18 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 case $1 in
+  tests)
+    source .device/a/setup.sh mamba_ssm causal_conv1d || exit 2
+    export PYTHONPATH=$PWD:$PYTHONPATH
+    tests="tests/test_kernels.py tests/test_fast_path.py tests/test_mamba.py tests/test_recorder.py"  # test_bootstrap and test_scoring need lm-eval: the sweep case runs them
+    python3 -c "import hypothesis" 2>/dev/null && tests="$tests tests/test_quant.py"  # test_quant's property tests need it
+    timeout 570 python3 -m pytest -q -rfs -p no:cacheprovider -k "not interpreter" $tests "${@:2}" 2>&1 | tee "$out/pytest_gpu.log"
+    ;;
   bench)
     source .device/a/setup.sh mamba_ssm causal_conv1d || exit 2
     export PYTHONPATH=$PWD:$PYTHONPATH
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
-    tests="tests/test_kernels.py tests/test_fast_path.py tests/test_mamba.py tests/test_recorder.py"  # test_bootstrap and test_scoring need lm-eval: the sweep case runs them
-    python3 -c "import hypothesis" 2>/dev/null && tests="$tests tests/test_quant.py"  # test_quant's property tests need it
-    timeout 420 python3 -m pytest -q -rfs -p no:cacheprovider -k "not interpreter" $tests 2>&1 | tee "$out/pytest_gpu.log"
-    timeout 280 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
+    timeout 570 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
     ;;
   lm_eval)
     [ -d /tmp/site/mamba_ssm ] || source .device/b/setup.sh wheels mamba_ssm || exit 2
@@ -56,5 +61,5 @@ case $1 in
     timeout 240 python3 benchmarks/gpu_bench.py --out "$out" --iters 15 2>&1 | tee "$out/gpu_bench.log"
     timeout 240 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs modes --rounds 1 --out "$out" --docs 2000 2>&1 | tee "$out/lm_eval_runs.log"
     ;;
-  *) echo "usage: $0 bench|lm_eval|sweep|profile|all [args]"; exit 2 ;;
+  *) echo "usage: $0 tests|bench|lm_eval|sweep|profile|all [args]"; exit 2 ;;
 esac
