@@ -410,7 +410,20 @@ def assert_same_bits(got, want):
     assert same.all(), (got[~same][:5].tolist(), want[~same][:5].tolist())
 
 
-# ------------------------------------------------------------------ Triton's interpreter (CPU)
+# ------------------------------------------------------------------ Triton on the CPU: launch parameters, the interpreter
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_inputs_the_kernel_cannot_clamp_as_loaded_take_the_pytorch_path():
+    """fp16 inputs at s_x = 600: every fp16 value's code is below 127 (65504 / 600 = 109), so no
+    fp16 bound clamps as the codes clamp (`quant.value_bounds_in` is None) and the layer runs the
+    PyTorch path; the same scale with fp32 or bf16 inputs runs the kernel."""
+    from lm_eval_floatsim.kernels import conv_silu_triton as module
+
+    scales = LayerScales(input=600.0, output=0.01, weight=0.01, bias=0.01)
+    runs = {dtype: module.kernel_parameters(QuantSpec("int8"), scales, torch.device("cpu"), dtype)["scales_in_range"]
+            for dtype in (torch.float16, torch.bfloat16, torch.float32)}  # fmt: skip
+    assert runs == {torch.float16: False, torch.bfloat16: True, torch.float32: True}
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
