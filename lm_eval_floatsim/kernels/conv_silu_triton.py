@@ -17,8 +17,8 @@ reference's bit for bit:
   rounds to the code of t / scale for every t between the value bounds, the kernel takes the
   codes from those two FMAs (`_code_by_pair`), and from the quotient itself elsewhere; a code
   that is only multiplied by its scale is rounded by adding 2**23, its product taken in one FMA
-  (`_dequantized_code`), which keeps the rounding instruction off the unit exp and the SiLU's
-  reciprocal estimate already load;
+  (`_dequantized_code`), without the rounding instruction, a quarter-rate conversion like exp's
+  and the reciprocal estimate's;
 - the int8 kernel's integer accumulation runs in fp32, where it is exact: |acc| <= 4 * 128 * 128
   < 2**24, and a NaN input poisons its windows as quant._int8_kernel_preactivation does;
 - rounding gives quant.round_half_away's and quant.round_half_even's results, signed zeros
@@ -287,8 +287,9 @@ def _code_by_pair(t, pair_hi, pair_lo, ROUNDING: tl.constexpr):
 @triton.jit
 def _dequantized_code(q, scale, ROUNDING: tl.constexpr):
     """RN(round(q) * scale), signed zeros included, for a quotient |q| < 2**22 that is not -0.0
-    where rounding half away (`_pair_quotient`'s), with no rounding instruction: the SM runs
-    those (FRND) on the quarter-rate unit that also runs exp's and the reciprocal's (MUFU).
+    where rounding half away (`_pair_quotient`'s), with no rounding instruction: those (FRND) are
+    conversions, issued at a quarter of the FMA rate like exp's and the reciprocal's MUFU, and
+    without them the kernel ran 3-5% faster (docs/BENCHMARKS.md).
     Adding 2**23 to a |q| + 1/2 that was rounded toward zero (as `_round_half_away` does), toward
     zero again, gives 2**23 + floor(|q| + 1/2); to |q| rounded to nearest, 2**23 + rint(|q|): the
     sums lie in [2**23, 2**24), where fp32 values are the integers. One FMA takes 2**23 * scale
