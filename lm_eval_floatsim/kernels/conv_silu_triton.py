@@ -707,13 +707,12 @@ def _walk(
                 else:
                     after = libdevice.mul_rn(_code(before, out_scale, out_reciprocal, ROUNDING), out_scale)
             targets = out_rows + (out_at + step * so_l)
-            in_sequence = (step < ahead)[:, None] & d_ok[None, :]
             if FULL:
                 tl.store(targets, after.to(out_ptr.dtype.element_ty))
-            elif ZERO_PADDING:
-                tl.store(targets, tl.where(real, after, 0.0).to(out_ptr.dtype.element_ty), mask=in_sequence)
             else:
-                tl.store(targets, after.to(out_ptr.dtype.element_ty), mask=in_sequence)
+                in_sequence = (step < ahead)[:, None] & d_ok[None, :]
+                stored = tl.where(real, after, 0.0) if ZERO_PADDING else after
+                tl.store(targets, stored.to(out_ptr.dtype.element_ty), mask=in_sequence)
 
             if STATS:
                 if EXACT:
@@ -861,12 +860,7 @@ def _program(
         v_max = _preactivation(x_max, x_max, x_max, x_max, tl.abs(w0), tl.abs(w1), tl.abs(w2), tl.abs(w3), tl.abs(bias_term), acc_scale, MODE)  # fmt: skip
         full = full & (tl.max(v_max) <= SILU_DOMAIN)
     program = (source, context, padding, target, batch, starts, d, d_ok, length, real_bits, weights, input_scales, output_scales)  # fmt: skip
-    if EXACT:
-        sums, largest_v = _walk(
-            program, MODE, ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR, HAS_CONTEXT, ZERO_PADDING, STATS,
-            EXACT, BLOCK_D, GROUP, CHUNK, EDGE_UNROLL, FULL=False,
-        )  # fmt: skip
-    elif full:
+    if not EXACT and full:  # the exact walk takes every program the checked way
         sums, largest_v = _walk(
             program, MODE, ROUNDING, CLAMP, INPUT_BY_PAIR, OUTPUT_BY_PAIR, OUTPUT_FLOOR, HAS_CONTEXT, ZERO_PADDING, STATS,
             EXACT, BLOCK_D, GROUP, CHUNK, UNROLL, FULL=True,
