@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--conv-shape", default="64,2048,1536", help="B,L,D of the conv section")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--conv-sweeps", action=argparse.BooleanOptionalAction, default=True,
+                        help="the conv section's launch-configuration and UNROLL sweeps (--no-conv-sweeps: the kernel's own configuration alone)")
+    parser.add_argument("--conv-rounds", type=int, default=5,
+                        help="interleaved rounds of the conv section's per-mode rows, each row's median and range")
     parser.add_argument("--layers", type=int, default=24)
     return parser.parse_args(argv)
 
@@ -229,43 +233,22 @@ def section_conv(args, device, results):
     moved = 2 * batch * length * channels * x.element_size()  # x read once, output written once
     copy_gbs = results.get("env", {}).get("copy_gbs") or copy_bandwidth_gbs(device)
     floor_ms = moved / copy_gbs / 1e6
+    from lm_eval_floatsim.kernels import conv_silu_triton as module
     from lm_eval_floatsim.kernels.conv_silu_triton import conv_silu_triton, launch_config
 
     rows = []
 
-    def add(name, ms, config=None, bytes_moved=moved):
+    def add(name, ms, config=None, bytes_moved=moved, ms_range=None):
         floor = bytes_moved / copy_gbs / 1e6
         rows.append({"name": name, "ms": ms, "gbs": bytes_moved / ms / 1e6, "of_copy": floor / ms, "config": config})
+        if ms_range:
+            rows[-1].update(ms_range=list(ms_range), of_copy_range=[floor / ms_range[1], floor / ms_range[0]])
         print(rows[-1], flush=True)
 
-    for mode, stats in (("int8", False), ("same", False), ("same", True)):
-        default = launch_config(batch, length, channels, SPECS[mode].quantized)
-        for config in [default] + [c for c in CONV_CONFIGS if c != default]:
-            observer = statistics_only(1, device).layer(0, None) if stats else None
-            run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
-            add(f"{mode} kernel{' + statistics' if stats else ''}", graph_timed_ms(run, device, args.iters, 4), list(config))
-    from lm_eval_floatsim.kernels import conv_silu_triton as module
-
-    default_unroll = module.UNROLL
     small = conv_case(args.batch, args.length, channels, device)
-    for unroll in UNROLLS:  # positions per turn of full programs' loop, against the launch configuration
-        module.UNROLL = unroll
-        for mode, stats in (("int8", False), ("int8", True), ("same", False), ("better", False), ("better", True)):
-            for config in UNROLL_CONFIGS:
-                observer = statistics_only(1, device).layer(0, None) if stats else None
-                run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
-                add(f"{mode} kernel{' + statistics' if stats else ''}, UNROLL={unroll}", graph_timed_ms(run, device, args.iters, 4), list(config))
-                short = (config[0], config[1], 16, config[3])
-                run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer, config=short)
-                add(f"{mode} kernel{' + statistics' if stats else ''}, UNROLL={unroll}, B={args.batch} L={args.length}",
-                    graph_timed_ms(run, device, args.iters), list(short), 2 * small[0].numel() * small[0].element_size())
-    module.UNROLL = default_unroll
-    for mode in MODES:
-        for stats in (False, True):
-            observer = statistics_only(1, device).layer(0, None) if stats else None
-            config = launch_config(batch, length, channels, SPECS[mode].quantized)  # what the model runs
-            run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer)
-            add(f"{mode} kernel{' + statistics' if stats else ''}", graph_timed_ms(run, device, args.iters, 4), list(config))
+    if args.conv_sweeps:
+        conv_sweeps(args, (x, w, b, scales), small, device, add)
+    rows_in_rounds(args, (x, w, b, scales), device, add)
     mask = padding_mask_like(small[0])
     for mode in MODES:
         for stats in (False, True):
@@ -285,6 +268,53 @@ def section_conv(args, device, results):
 
     results["conv"] = {"shape": [batch, length, channels], "bytes": moved, "floor_ms": floor_ms, "rows": rows,
                        "compiled": compiled_report(module._conv_silu_kernel)}  # fmt: skip
+
+
+def conv_sweeps(args, case, small, device, add):
+    """The kernel in other launch configurations, and full programs' UNROLL against each other."""
+    from lm_eval_floatsim.kernels import conv_silu_triton as module
+    from lm_eval_floatsim.kernels.conv_silu_triton import conv_silu_triton, launch_config
+
+    x, w, b, scales = case
+    for mode, stats in (("int8", False), ("same", False), ("same", True)):
+        default = launch_config(*x.shape, SPECS[mode].quantized)
+        for config in [default] + [c for c in CONV_CONFIGS if c != default]:
+            observer = statistics_only(1, device).layer(0, None) if stats else None
+            run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
+            add(f"{mode} kernel{' + statistics' if stats else ''}", graph_timed_ms(run, device, args.iters, 4), list(config))
+    default_unroll = module.UNROLL
+    for unroll in UNROLLS:  # positions per turn of full programs' loop, against the launch configuration
+        module.UNROLL = unroll
+        for mode, stats in (("int8", False), ("int8", True), ("same", False), ("better", False), ("better", True)):
+            for config in UNROLL_CONFIGS:
+                observer = statistics_only(1, device).layer(0, None) if stats else None
+                run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
+                add(f"{mode} kernel{' + statistics' if stats else ''}, UNROLL={unroll}", graph_timed_ms(run, device, args.iters, 4), list(config))
+                short = (config[0], config[1], 16, config[3])
+                run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer, config=short)
+                add(f"{mode} kernel{' + statistics' if stats else ''}, UNROLL={unroll}, B={args.batch} L={args.length}",
+                    graph_timed_ms(run, device, args.iters), list(short), 2 * small[0].numel() * small[0].element_size())
+    module.UNROLL = default_unroll
+
+
+def rows_in_rounds(args, case, device, add):
+    """Every mode, with and without statistics, in the launch configuration the model runs: timed in
+    --conv-rounds interleaved rounds (a slower moment of a shared machine touches every row alike);
+    each row's median and range."""
+    from lm_eval_floatsim.kernels.conv_silu_triton import conv_silu_triton, launch_config
+
+    x, w, b, scales = case
+    variants = [(mode, stats) for mode in MODES for stats in (False, True)]
+    times = {variant: [] for variant in variants}
+    for _ in range(args.conv_rounds):
+        for mode, stats in variants:
+            observer = statistics_only(1, device).layer(0, None) if stats else None
+            run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer)
+            times[mode, stats].append(graph_timed_ms(run, device, args.iters, 4))
+    for (mode, stats), ms in times.items():
+        config = launch_config(*x.shape, SPECS[mode].quantized)
+        add(f"{mode} kernel{' + statistics' if stats else ''}, {len(ms)} rounds", statistics.median(ms), list(config),
+            ms_range=(min(ms), max(ms)))
 
 
 def compiled_report(jit_function) -> list:
@@ -539,7 +569,8 @@ def print_tables(results):
         print(f"\nConv1D+SiLU, B,L,D = {conv['shape']}, {conv['bytes'] / 1e6:.0f} MB moved, floor {conv['floor_ms']:.3f} ms")
         print("| variant | config | ms | GB/s | % of copy bw |\n|---|---|---|---|---|")
         for r in conv["rows"]:
-            print(f"| {r['name']} | {r['config'] or ''} | {r['ms']:.3f} | {r['gbs']:.0f} | {100 * r['of_copy']:.0f}% |")
+            spread = f" ({100 * r['of_copy_range'][0]:.1f}–{100 * r['of_copy_range'][1]:.1f}%)" if "of_copy_range" in r else ""
+            print(f"| {r['name']} | {r['config'] or ''} | {r['ms']:.3f} | {r['gbs']:.0f} | {100 * r['of_copy']:.1f}%{spread} |")
     if "scan" in results:
         print("\n| scan B | L | Triton ms | mamba-ssm ms (+ transposes) | max rel diff |\n|---|---|---|---|---|")
         for r in results["scan"]:

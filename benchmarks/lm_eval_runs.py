@@ -6,7 +6,8 @@ Configurations (each a fresh process, timed from start to exit, as a user runs i
 - `sweep`: `lm-eval-floatsim sweep --modes fp,int8,same,better --divisors 16,256,2025` (6 evaluations);
 - `sensitivity`: `lm-eval-floatsim sensitivity --mode better --divisor 2025` (fp, every block, each
   block alone: 2 + n_layer evaluations);
-- `modes` (GPU): `lm_eval --model mamba_ssm` and `lm_eval --model mamba_floatsim` in each mode.
+- `modes` (GPU): `lm_eval --model mamba_ssm` and `lm_eval --model mamba_floatsim` in fp, same and
+  better (int8's is the reference run).
 After an untimed warm-up run (it calibrates into the scales cache and fills Triton's cache, as a
 user's earlier runs would have), every round runs each configuration once, in a rotated order,
 and the table gives per configuration the median and range over the rounds of the wall time and
@@ -29,7 +30,8 @@ Presets (--preset):
       package's .pth hook is installed
 Every finished run is appended to DIR/lm_eval_runs.jsonl at once: a run cut short keeps the rounds done.
 Rounds longer than one call of the GPU machine allows: `bench --resume` continues the rounds that
-the work folder (--work) records, without a warm-up, and reports them all.
+the work folder (--work) records, without a warm-up: it finishes a round that --deadline-s cut, then
+starts new ones until --rounds rounds are done, and reports them all.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _add_bench_arguments(bench) -> None:
     bench.add_argument("--preset", choices=("demo", "gpu"), required=True)
     bench.add_argument("--out", default=".")
     bench.add_argument("--work", default="/tmp/lm_eval_runs")
-    bench.add_argument("--rounds", type=int, default=3)
+    bench.add_argument("--rounds", type=int, default=3, help="rounds in all (with --resume: the recorded ones included)")
     bench.add_argument("--resume", action="store_true", help="continue the rounds recorded in --work (no warm-up)")
     bench.add_argument("--configs", default=None, help="comma-separated: lm_eval, sweep, sensitivity, modes "
                        "(default: lm_eval,sweep,sensitivity; modes needs the gpu preset)")
@@ -169,7 +171,7 @@ def configurations(args, work: Path) -> tuple[dict, str]:
     if "modes" in chosen:
         base = floatsim_args.split(",calib_data")[0]
         found["mamba_ssm"] = (1, lm_eval("mamba_ssm", "mamba_ssm", base))
-        for mode in MODES:
+        for mode in MODES[:1] + MODES[2:]:  # int8's run is the reference's
             found[f"mamba_floatsim {mode}"] = (1, lm_eval(f"mamba_floatsim {mode}", "mamba_floatsim",
                                                            f"{floatsim_args},mode={mode},dump_dir={work / ('dumps_' + mode)}"))
     return found, task
@@ -201,25 +203,29 @@ def rounds_of_runs(args, found: dict, work: Path, log: Path) -> list[dict]:
         if warm["returncode"] != 0:
             raise SystemExit(f"the warm-up run failed:\n{warm['error_tail']}")
         last_wall[REFERENCE] = warm["wall_s"]
-    names = list(found)
-    first = max((row["round"] for row in rows), default=-1) + 1
-    for index in range(first, first + args.rounds):
-        order = names[index % len(names):] + names[: index % len(names)]  # rotated: no configuration always first
-        for name in order:
-            guess = time.perf_counter() - start + last_wall.get(name, 0.0)
-            if args.deadline_s is not None and guess > args.deadline_s:
-                print(f"stopping before round {index} {name}: it would end after --deadline-s", flush=True)
-                return rows
-            row = {"round": index, **run_once(name, found[name][1], work)}
-            last_wall[name] = row["wall_s"]
-            rows.append(row)
-            for path in (log, record):
-                with path.open("a") as out:
-                    out.write(json.dumps(row) + "\n")
-            print(json.dumps({k: v for k, v in row.items() if k != "error_tail"}), flush=True)
-            if row["returncode"] != 0:
-                print(row["error_tail"], flush=True)
+    for index, name in runs_to_do(list(found), rows, args.rounds):
+        guess = time.perf_counter() - start + last_wall.get(name, 0.0)
+        if args.deadline_s is not None and guess > args.deadline_s:
+            print(f"stopping before round {index} {name}: it would end after --deadline-s", flush=True)
+            return rows
+        row = {"round": index, **run_once(name, found[name][1], work)}
+        last_wall[name] = row["wall_s"]
+        rows.append(row)
+        for path in (log, record):
+            with path.open("a") as out:
+                out.write(json.dumps(row) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k != "error_tail"}), flush=True)
+        if row["returncode"] != 0:
+            print(row["error_tail"], flush=True)
     return rows
+
+
+def runs_to_do(names: list[str], done: list[dict], rounds: int) -> list[tuple[int, str]]:
+    """(round, configuration) of every run that `rounds` rounds still lack, in order: round i runs
+    the configurations rotated by i (no configuration always first), skipping those it has run."""
+    ran = {(row["round"], row["name"]) for row in done}
+    return [(index, name) for index in range(rounds)
+            for name in names[index % len(names):] + names[: index % len(names)] if (index, name) not in ran]
 
 
 # ------------------------------------------------------------------ the report
@@ -234,7 +240,8 @@ def table(found: dict, rows: list[dict]) -> str:
         walls = [row["wall_s"] for row in ok]
         ratios = [row["wall_s"] / reference[row["round"]] for row in ok if row["round"] in reference]
         failed = sum(row["name"] == name and row["returncode"] != 0 for row in rows)
-        lines.append(f"| {name} | {evaluations} | {_spread(walls, '{:.1f}')} | {_spread(ratios, '{:.2f}x')} | "
+        label = f"{name} (mamba_floatsim int8, the reference)" if name == REFERENCE else name
+        lines.append(f"| {label} | {evaluations} | {_spread(walls, '{:.1f}')} | {_spread(ratios, '{:.2f}x')} | "
                      f"{len(ok)}{f' ({failed} failed)' if failed else ''} |")
     return "\n".join(lines)
 
