@@ -176,6 +176,15 @@ def statistics_only(n_layer, device) -> Recorder:
     return recorder
 
 
+def conv_observer(stats: bool, device, mask=None):
+    """A layer's statistics-only observer where the row records statistics, else None."""
+    return statistics_only(1, device).layer(0, mask) if stats else None
+
+
+def kernel_name(mode: str, stats: bool) -> str:
+    return f"{mode} kernel{' + statistics' if stats else ''}"
+
+
 # ------------------------------------------------------------------ sections
 
 
@@ -252,10 +261,10 @@ def section_conv(args, device, results):
     mask = padding_mask_like(small[0])
     for mode in MODES:
         for stats in (False, True):
-            observer = statistics_only(1, device).layer(0, mask) if stats else None
+            observer = conv_observer(stats, device, mask)
             run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer, None, mask)
             config = launch_config(args.batch, args.length, channels, SPECS[mode].quantized)
-            name = f"{mode} kernel{' + statistics' if stats else ''}, B={args.batch} L={args.length} (the model's batch and mask)"
+            name = f"{kernel_name(mode, stats)}, B={args.batch} L={args.length} (the model's batch and mask)"
             add(name, graph_timed_ms(run, device, args.iters), list(config), 2 * small[0].numel() * small[0].element_size())
     with pytorch_conv():
         add("int8 PyTorch path", timed_ms(lambda: conv_silu(x, w, b, SPECS["int8"], scales), device, 5, 1))
@@ -279,20 +288,20 @@ def conv_sweeps(args, case, small, device, add):
     for mode, stats in (("int8", False), ("same", False), ("same", True)):
         default = launch_config(*x.shape, SPECS[mode].quantized)
         for config in [default] + [c for c in CONV_CONFIGS if c != default]:
-            observer = statistics_only(1, device).layer(0, None) if stats else None
+            observer = conv_observer(stats, device)
             run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
-            add(f"{mode} kernel{' + statistics' if stats else ''}", graph_timed_ms(run, device, args.iters, 4), list(config))
+            add(kernel_name(mode, stats), graph_timed_ms(run, device, args.iters, 4), list(config))
     default_unroll = module.UNROLL
     for unroll in UNROLLS:  # positions per turn of full programs' loop, against the launch configuration
         module.UNROLL = unroll
         for mode, stats in (("int8", False), ("int8", True), ("same", False), ("better", False), ("better", True)):
             for config in UNROLL_CONFIGS:
-                observer = statistics_only(1, device).layer(0, None) if stats else None
+                observer = conv_observer(stats, device)
                 run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer, config=config)
-                add(f"{mode} kernel{' + statistics' if stats else ''}, UNROLL={unroll}", graph_timed_ms(run, device, args.iters, 4), list(config))
+                add(f"{kernel_name(mode, stats)}, UNROLL={unroll}", graph_timed_ms(run, device, args.iters, 4), list(config))
                 short = (config[0], config[1], 16, config[3])
                 run = lambda: conv_silu_triton(*small[:3], SPECS[mode], small[3], observer, config=short)
-                add(f"{mode} kernel{' + statistics' if stats else ''}, UNROLL={unroll}, B={args.batch} L={args.length}",
+                add(f"{kernel_name(mode, stats)}, UNROLL={unroll}, B={args.batch} L={args.length}",
                     graph_timed_ms(run, device, args.iters), list(short), 2 * small[0].numel() * small[0].element_size())
     module.UNROLL = default_unroll
 
@@ -308,12 +317,12 @@ def rows_in_rounds(args, case, device, add):
     times = {variant: [] for variant in variants}
     for _ in range(args.conv_rounds):
         for mode, stats in variants:
-            observer = statistics_only(1, device).layer(0, None) if stats else None
+            observer = conv_observer(stats, device)
             run = lambda: conv_silu_triton(x, w, b, SPECS[mode], scales, observer)
             times[mode, stats].append(graph_timed_ms(run, device, args.iters, 4))
     for (mode, stats), ms in times.items():
         config = launch_config(*x.shape, SPECS[mode].quantized)
-        add(f"{mode} kernel{' + statistics' if stats else ''}, {len(ms)} rounds", statistics.median(ms), list(config),
+        add(f"{kernel_name(mode, stats)}, {len(ms)} rounds", statistics.median(ms), list(config),
             ms_range=(min(ms), max(ms)))
 
 

@@ -18,6 +18,18 @@ set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
+nvidia_smi() {
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
+}
+# sweep's and all's rounds: $1 lm_eval_runs.py's configurations, $2 its deadline in s, then its own arguments.
+# First the GPU paths of the per-evaluation work they time, the bootstrap's sums and the scoring (not again on --resume).
+lm_eval_rounds() {
+  nvidia_smi
+  [ "$3" = --resume ] || timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_bootstrap.py tests/test_scoring.py \
+    2>&1 | tee "$out/pytest_sweep.log"
+  timeout 560 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs "$1" --deadline-s "$2" \
+    --out "$out" "${@:3}" 2>&1 | tee "$out/lm_eval_runs.log"
+}
 case $1 in
   tests)
     source .device/a/setup.sh mamba_ssm causal_conv1d || exit 2
@@ -30,7 +42,7 @@ case $1 in
   bench)
     source .device/a/setup.sh mamba_ssm causal_conv1d || exit 2
     export PYTHONPATH=$PWD:$PYTHONPATH
-    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
+    nvidia_smi
     timeout 570 python3 benchmarks/gpu_bench.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
     ;;
   lm_eval)
@@ -45,12 +57,7 @@ case $1 in
     [ -d /tmp/site/matplotlib ] || source .device/c/setup.sh wheels || exit 2
     export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH
     python3 -c "import lm_eval, matplotlib" || { echo "gpu_run.sh sweep: lm-eval or matplotlib missing: carry .device/c"; exit 2; }
-    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$out/nvidia_smi.txt"
-    # the GPU paths of the per-evaluation work the sweep times: the bootstrap's sums and the scoring
-    [ "$2" = --resume ] || timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_bootstrap.py tests/test_scoring.py \
-      2>&1 | tee "$out/pytest_sweep.log"
-    timeout 560 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs sweep,sensitivity --deadline-s 430 \
-      --out "$out" "${@:2}" 2>&1 | tee "$out/lm_eval_runs.log"
+    lm_eval_rounds sweep,sensitivity 430 "${@:2}"
     ;;
   profile)
     [ -d /tmp/site/matplotlib ] || source .device/c/setup.sh wheels || exit 2
@@ -62,11 +69,7 @@ case $1 in
     [ -d /tmp/site/matplotlib ] || source .device/c/setup.sh wheels || exit 2
     export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH
     python3 -c "import lm_eval, matplotlib, mamba_ssm" || { echo "gpu_run.sh all: lm-eval, matplotlib or mamba-ssm missing: carry .device/c after a tests or bench call"; exit 2; }
-    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$out/nvidia_smi.txt"
-    [ "$2" = --resume ] || timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_bootstrap.py tests/test_scoring.py \
-      2>&1 | tee "$out/pytest_sweep.log"
-    timeout 560 python3 benchmarks/lm_eval_runs.py bench --preset gpu --configs lm_eval,sweep,sensitivity,modes --deadline-s 480 \
-      --out "$out" "${@:2}" 2>&1 | tee "$out/lm_eval_runs.log"
+    lm_eval_rounds lm_eval,sweep,sensitivity,modes 480 "${@:2}"
     ;;
   *) echo "usage: $0 tests|bench|lm_eval|sweep|profile|all [args]"; exit 2 ;;
 esac

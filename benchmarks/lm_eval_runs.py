@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo"
 MODES = ("fp", "int8", "same", "better")
 REFERENCE = "lm_eval"
+REFERENCE_MODE = "int8"  # the reference run's mode
 SWEEP = ["--modes", "fp,int8,same,better", "--divisors", "16,256,2025"]
 SENSITIVITY = ["--mode", "better", "--divisor", "2025"]
 # Fields of a results file that lm-eval sets from the clock.
@@ -162,7 +163,7 @@ def configurations(args, work: Path) -> tuple[dict, str]:
         raise SystemExit("--configs modes needs --preset gpu (lm-eval's mamba_ssm model needs CUDA)")
     checkpoint = Path(floatsim_args.split(",")[0].removeprefix("pretrained="))
     n_layer = json.loads((checkpoint / "config.json").read_text())["n_layer"]  # both presets: mamba_ssm's layout
-    found = {REFERENCE: (1, lm_eval(REFERENCE, "mamba_floatsim", f"{floatsim_args},{dumps},mode=int8"))}
+    found = {REFERENCE: (1, lm_eval(REFERENCE, "mamba_floatsim", f"{floatsim_args},{dumps},mode={REFERENCE_MODE}"))}
     if "sweep" in chosen:
         found["sweep"] = (6, floatsim_command("sweep", "sweep", SWEEP))
     if "sensitivity" in chosen:
@@ -171,7 +172,7 @@ def configurations(args, work: Path) -> tuple[dict, str]:
     if "modes" in chosen:
         base = floatsim_args.split(",calib_data")[0]
         found["mamba_ssm"] = (1, lm_eval("mamba_ssm", "mamba_ssm", base))
-        for mode in MODES[:1] + MODES[2:]:  # int8's run is the reference's
+        for mode in [mode for mode in MODES if mode != REFERENCE_MODE]:  # that mode's run is the reference
             found[f"mamba_floatsim {mode}"] = (1, lm_eval(f"mamba_floatsim {mode}", "mamba_floatsim",
                                                            f"{floatsim_args},mode={mode},dump_dir={work / ('dumps_' + mode)}"))
     return found, task
@@ -240,7 +241,7 @@ def table(found: dict, rows: list[dict]) -> str:
         walls = [row["wall_s"] for row in ok]
         ratios = [row["wall_s"] / reference[row["round"]] for row in ok if row["round"] in reference]
         failed = sum(row["name"] == name and row["returncode"] != 0 for row in rows)
-        label = f"{name} (mamba_floatsim int8, the reference)" if name == REFERENCE else name
+        label = f"{name} (mamba_floatsim {REFERENCE_MODE}, the reference)" if name == REFERENCE else name
         lines.append(f"| {label} | {evaluations} | {_spread(walls, '{:.1f}')} | {_spread(ratios, '{:.2f}x')} | "
                      f"{len(ok)}{f' ({failed} failed)' if failed else ''} |")
     return "\n".join(lines)
@@ -257,7 +258,7 @@ def sweep_matches_reference(work: Path) -> str:
     def int8_results(folder: Path):
         for path in sorted(folder.rglob("results_*.json")):
             results = json.loads(path.read_text())
-            if results["config"]["model_args"].get("mode") == "int8":
+            if results["config"]["model_args"].get("mode") == REFERENCE_MODE:
                 return {key: value for key, value in results.items() if key not in CLOCK_FIELDS}
         return None
 
